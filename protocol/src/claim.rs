@@ -1,0 +1,151 @@
+//! The agent's side of the spool rules: find work, claim it, keep the claim.
+
+use std::io;
+
+use crate::lease::Lease;
+use crate::queue::{Entry, EntryState, JobList};
+use crate::spool::{lease_path, status_path, SpoolFs, JOB_LIST, LEASES};
+use crate::status::Status;
+use crate::time::Timestamp;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}: {problem}")]
+    Corrupt { path: String, problem: String },
+}
+
+pub type Result<T, E = SpoolError> = std::result::Result<T, E>;
+
+pub(crate) trait IoContext<T> {
+    fn ctx(self, what: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn ctx(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|source| SpoolError::Io {
+            what: what(),
+            source,
+        })
+    }
+}
+
+/// Reads `jobs.toml`; an absent list is an empty one.
+pub fn read_job_list(fs: &dyn SpoolFs) -> Result<JobList> {
+    let Some(bytes) = fs
+        .read_opt(JOB_LIST)
+        .ctx(|| format!("reading {JOB_LIST}"))?
+    else {
+        return Ok(JobList::default());
+    };
+    let text = String::from_utf8_lossy(&bytes);
+    JobList::parse(&text).map_err(|e| SpoolError::Corrupt {
+        path: JOB_LIST.into(),
+        problem: e.to_string(),
+    })
+}
+
+/// Reads a job's lease, `None` if it has none. A lease that cannot be parsed
+/// is an error: it still blocks the job until the master clears it.
+pub fn read_lease(fs: &dyn SpoolFs, id: &str) -> Result<Option<Lease>> {
+    let path = lease_path(id);
+    let Some(bytes) = fs.read_opt(&path).ctx(|| format!("reading {path}"))? else {
+        return Ok(None);
+    };
+    Lease::parse(&String::from_utf8_lossy(&bytes))
+        .map(Some)
+        .map_err(|e| SpoolError::Corrupt {
+            path,
+            problem: e.to_string(),
+        })
+}
+
+pub fn read_status(fs: &dyn SpoolFs, id: &str) -> Result<Option<Status>> {
+    let path = status_path(id);
+    let Some(bytes) = fs.read_opt(&path).ctx(|| format!("reading {path}"))? else {
+        return Ok(None);
+    };
+    Status::parse(&String::from_utf8_lossy(&bytes))
+        .map(Some)
+        .map_err(|e| SpoolError::Corrupt {
+            path,
+            problem: e.to_string(),
+        })
+}
+
+/// Queued jobs that nobody holds, in the order agents take them.
+pub fn available_jobs(fs: &dyn SpoolFs) -> Result<Vec<Entry>> {
+    let list = read_job_list(fs)?;
+    let leased: std::collections::HashSet<String> = fs
+        .list(LEASES)
+        .ctx(|| format!("listing {LEASES}/"))?
+        .into_iter()
+        .collect();
+    Ok(list
+        .jobs
+        .into_iter()
+        .filter(|e| e.state == EntryState::Queued && e.attempts < e.max_attempts)
+        .filter(|e| !leased.contains(&e.id))
+        .collect())
+}
+
+/// Claims the highest-priority job nobody holds. Walks the available jobs in
+/// order and tries an exclusive create of each one's lease; losing a race
+/// moves on to the next. `None` when nothing is left.
+pub fn claim_next(fs: &dyn SpoolFs, agent: &str, now: Timestamp) -> Result<Option<Lease>> {
+    for entry in available_jobs(fs)? {
+        let lease = Lease::new(
+            &entry.id,
+            agent,
+            now,
+            entry.time_limit.0,
+            entry.attempts + 1,
+        );
+        let path = lease_path(&entry.id);
+        if fs
+            .create_exclusive(&path, lease.to_toml().as_bytes())
+            .ctx(|| format!("creating {path}"))?
+        {
+            return Ok(Some(lease));
+        }
+    }
+    Ok(None)
+}
+
+/// What a holder finds when it looks at its lease again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseCheck {
+    Held,
+    /// Reaped, cancelled or published: nothing is there.
+    Gone,
+    /// Someone else holds the job now.
+    Replaced {
+        by_agent: String,
+    },
+}
+
+/// Checks that `lease` is still the job's lease. A holder that gets anything
+/// but `Held` must stop the job at once.
+pub fn check_lease(fs: &dyn SpoolFs, lease: &Lease) -> Result<LeaseCheck> {
+    Ok(match read_lease(fs, &lease.job)? {
+        None => LeaseCheck::Gone,
+        Some(l) if l.token == lease.token => LeaseCheck::Held,
+        Some(l) => LeaseCheck::Replaced { by_agent: l.agent },
+    })
+}
+
+/// Writes the holder's heartbeat after checking the lease is still its own.
+pub fn heartbeat(fs: &dyn SpoolFs, lease: &Lease, status: &Status) -> Result<LeaseCheck> {
+    let check = check_lease(fs, lease)?;
+    if check == LeaseCheck::Held {
+        let path = status_path(&lease.job);
+        fs.write_atomic(&path, status.to_toml().as_bytes())
+            .ctx(|| format!("writing {path}"))?;
+    }
+    Ok(check)
+}

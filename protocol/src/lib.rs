@@ -1,0 +1,23 @@
+//! kiln's shared protocol: the job spec, the spool layout, and the rules by
+//! which agents claim jobs and the master reaps leases and publishes images.
+//!
+//! Parsing is pure (`parse_job(&str)`), I/O is thin (`load_job(&Path)`), and
+//! every rule takes the current time as a parameter so it can be tested
+//! without sleeping.
+
+pub mod claim;
+pub mod job;
+pub mod lease;
+pub mod manifest;
+pub mod master;
+pub mod names;
+pub mod publish;
+pub mod queue;
+pub mod spool;
+pub mod status;
+pub mod time;
+pub mod units;
+pub mod upload;
+
+pub use job::{load_job, parse_job, JobError, JobSpec};
+pub use spool::{LocalSpool, SpoolFs};
