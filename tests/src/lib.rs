@@ -1,1 +1,5 @@
-//! The QEMU harness for kiln's end-to-end scenarios (filled in with the minimal OS).
+//! kiln-e2e: the harness for kiln's end-to-end tests: a test sshd on
+//! 127.0.0.1, the QEMU builder, process groups, serial logs and `wait_until`.
+
+pub mod qemu;
+pub mod sshd;

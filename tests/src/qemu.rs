@@ -1,0 +1,1 @@
+//! A QEMU builder and VM guard (filled in with the minimal OS).
