@@ -82,3 +82,9 @@ pub struct Published {
     pub image_blake3: String,
     pub disk_size: u64,
 }
+
+impl Published {
+    pub fn parse(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+}

@@ -1,0 +1,49 @@
+//! Everything that can happen to the console becomes a [`Msg`]; what `update`
+//! wants done outside itself (reading the spool) comes back as an [`Effect`].
+
+use crossterm::event::{Event, KeyEvent, KeyEventKind};
+use kiln_protocol::publish::ReapReport;
+use kiln_protocol::time::Timestamp;
+
+use super::spool_state::{Detail, SpoolState};
+
+#[derive(Debug)]
+pub enum Msg {
+    /// A key the operator pressed.
+    Key(KeyEvent),
+    /// Text pasted into the terminal (a job file's path, a filter).
+    Paste(String),
+    /// The terminal changed size; the next draw adapts.
+    Resize,
+    /// The clock moved on.
+    Tick(Timestamp),
+    /// A fresh read of the spool.
+    Spool(Box<SpoolState>),
+    /// Reading the spool failed.
+    SpoolError(String),
+    /// The selected job's spec and log.
+    Detail(Box<Detail>),
+    /// One pass of the background reaper and publisher.
+    Reaped(Result<ReapReport, String>),
+}
+
+impl Msg {
+    /// The message for a terminal event, if it matters to the console.
+    pub fn from_event(ev: Event) -> Option<Msg> {
+        match ev {
+            Event::Key(k) if k.kind != KeyEventKind::Release => Some(Msg::Key(k)),
+            Event::Resize(..) => Some(Msg::Resize),
+            Event::Paste(text) => Some(Msg::Paste(text)),
+            _ => None,
+        }
+    }
+}
+
+/// Work `update` asks the runtime to do off the UI thread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Read the spool again.
+    Refresh,
+    /// Read a job's spec and log.
+    LoadDetail(String),
+}

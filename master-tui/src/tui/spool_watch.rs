@@ -1,0 +1,207 @@
+//! The console's workers: a reader that reloads the spool when it changes
+//! (file notifications, with polling as the fallback) and a reaper that runs
+//! the master's periodic pass. Neither ever runs on the UI thread.
+
+use std::path::Path;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use kiln_protocol::publish::reap;
+use kiln_protocol::spool::{HISTORY, IMAGES, INCOMING, JOBS, LEASES, LOGS, STATUS, TMP_PREFIX};
+use kiln_protocol::time::Timestamp;
+use kiln_protocol::LocalSpool;
+use notify::{RecursiveMode, Watcher};
+
+use super::msg::{Effect, Msg};
+use super::spool_state::{Detail, SpoolState};
+
+/// Rereads this often even when notifications work, in case one is missed.
+const POLL_WITH_NOTIFY: Duration = Duration::from_secs(5);
+/// Rereads this often when notifications are not available.
+const POLL_WITHOUT_NOTIFY: Duration = Duration::from_millis(700);
+/// Events closer together than this are read as one change.
+const SETTLE: Duration = Duration::from_millis(40);
+/// The longest a burst of events can hold back a reread.
+const SETTLE_MAX: Duration = Duration::from_millis(250);
+
+/// Does one effect, returning the message that carries its result.
+pub fn perform(spool: &LocalSpool, effect: &Effect, now: Timestamp) -> Msg {
+    match effect {
+        Effect::Refresh => match SpoolState::load(spool, now) {
+            Ok(state) => Msg::Spool(Box::new(state)),
+            Err(e) => Msg::SpoolError(format!("{e:#}")),
+        },
+        Effect::LoadDetail(id) => Msg::Detail(Box::new(Detail::load(spool, id))),
+    }
+}
+
+/// The spool reader thread and the watcher that wakes it.
+pub struct SpoolReader {
+    requests: Sender<Effect>,
+    /// Kept alive for as long as the reader is; dropping it stops the events.
+    _watcher: Option<notify::RecommendedWatcher>,
+}
+
+impl SpoolReader {
+    pub fn spawn(spool: LocalSpool, out: Sender<Msg>, dispatch: tracing::Dispatch) -> SpoolReader {
+        let (tx, rx) = mpsc::channel::<Effect>();
+        let watcher = match watch(spool.root(), tx.clone()) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(
+                    "watching {} failed ({e}); polling every {:?} instead",
+                    spool.root().display(),
+                    POLL_WITHOUT_NOTIFY
+                );
+                None
+            }
+        };
+        let poll = if watcher.is_some() {
+            POLL_WITH_NOTIFY
+        } else {
+            POLL_WITHOUT_NOTIFY
+        };
+        thread::Builder::new()
+            .name("spool-reader".into())
+            .spawn(move || {
+                let _log = tracing::dispatcher::set_default(&dispatch);
+                read_loop(&spool, &rx, &out, poll);
+            })
+            .expect("spawning the spool reader thread");
+        SpoolReader {
+            requests: tx,
+            _watcher: watcher,
+        }
+    }
+
+    pub fn request(&self, effect: Effect) {
+        let _ = self.requests.send(effect);
+    }
+}
+
+fn read_loop(spool: &LocalSpool, rx: &Receiver<Effect>, out: &Sender<Msg>, poll: Duration) {
+    loop {
+        let mut refresh = false;
+        let mut detail = None;
+        let mut take = |e: Effect| match e {
+            Effect::Refresh => refresh = true,
+            Effect::LoadDetail(id) => detail = Some(id),
+        };
+        match rx.recv_timeout(poll) {
+            Ok(e) => take(e),
+            Err(RecvTimeoutError::Timeout) => take(Effect::Refresh),
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        // Let a burst of changes (a publish, an agent's upload) settle so it
+        // costs one read, not one per file.
+        let start = Instant::now();
+        while start.elapsed() < SETTLE_MAX {
+            match rx.recv_timeout(SETTLE) {
+                Ok(e) => take(e),
+                Err(_) => break,
+            }
+        }
+        let mut effects = Vec::new();
+        if refresh {
+            effects.push(Effect::Refresh);
+        }
+        effects.extend(detail.map(Effect::LoadDetail));
+        for e in effects {
+            let t = Instant::now();
+            let msg = perform(spool, &e, Timestamp::now());
+            tracing::debug!("{e:?} took {:?}", t.elapsed());
+            if out.send(msg).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Watches the spool's directories (not the uploads in progress below
+/// `incoming/`, which change with every chunk written).
+fn watch(root: &Path, tx: Sender<Effect>) -> notify::Result<notify::RecommendedWatcher> {
+    let mut watcher =
+        notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
+            Ok(ev) if ev.paths.iter().any(|p| matters(p)) => {
+                let _ = tx.send(Effect::Refresh);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("spool watcher: {e}"),
+        })?;
+    watcher.watch(root, RecursiveMode::NonRecursive)?;
+    for dir in [JOBS, LEASES, STATUS, INCOMING, IMAGES, HISTORY, LOGS] {
+        let path = root.join(dir);
+        if path.is_dir() {
+            watcher.watch(&path, RecursiveMode::NonRecursive)?;
+        }
+    }
+    Ok(watcher)
+}
+
+/// Whether a changed path can change what the console shows: not the master
+/// lock (taken by every change) and not temporary files (renamed into place,
+/// which is its own event).
+fn matters(path: &Path) -> bool {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    !name.is_empty() && name != ".master.lock" && !name.starts_with(TMP_PREFIX)
+}
+
+/// The background reaper and publisher: one pass now, then one every `every`.
+pub struct Reaper {
+    stop: Option<Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Reaper {
+    pub fn spawn(
+        spool: LocalSpool,
+        out: Sender<Msg>,
+        dispatch: tracing::Dispatch,
+        every: Duration,
+    ) -> Reaper {
+        let (stop, stopped) = mpsc::channel::<()>();
+        let thread = thread::Builder::new()
+            .name("reaper".into())
+            .spawn(move || {
+                let _log = tracing::dispatcher::set_default(&dispatch);
+                loop {
+                    let result = match spool.lock() {
+                        Ok(_lock) => reap(&spool, Timestamp::now()).map_err(|e| e.to_string()),
+                        Err(e) => Err(format!("taking the master lock: {e}")),
+                    };
+                    if out.send(Msg::Reaped(result)).is_err() {
+                        return;
+                    }
+                    match stopped.recv_timeout(every) {
+                        Err(RecvTimeoutError::Timeout) => {}
+                        _ => return,
+                    }
+                }
+            })
+            .expect("spawning the reaper thread");
+        Reaper {
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops after the pass in progress, waiting at most `patience` for it:
+    /// a pass interrupted by exit is safe (publishing renames into place), a
+    /// finished one is tidier.
+    pub fn stop(mut self, patience: Duration) {
+        drop(self.stop.take());
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        let deadline = Instant::now() + patience;
+        while !thread.is_finished() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
+        if thread.is_finished() {
+            let _ = thread.join();
+        } else {
+            tracing::info!("leaving the reaper's pass unfinished at exit");
+        }
+    }
+}

@@ -1,0 +1,405 @@
+//! `update`: the only code that changes the console's state. Spool changes go
+//! through the same protocol functions as the CLI, under the master lock.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+use kiln_protocol::claim::read_job_list;
+use kiln_protocol::job::MAX_PRIORITY;
+use kiln_protocol::master::{self, MasterError};
+use kiln_protocol::queue::EntryState;
+use kiln_protocol::time::format_secs;
+use kiln_protocol::LocalSpool;
+
+use super::app::{App, Confirm, Mode, Pane};
+use super::msg::{Effect, Msg};
+
+/// How far `+` and `-` move a job's priority.
+pub const PRIORITY_STEP: u32 = 10;
+/// How far `e` pushes a lease's deadline.
+pub const EXTEND_BY: Duration = Duration::from_secs(10 * 60);
+/// Rows PgUp and PgDn move.
+const PAGE: usize = 10;
+
+/// Applies one message to the state and says what to read next.
+pub fn update(app: &mut App, msg: Msg) -> Vec<Effect> {
+    match msg {
+        Msg::Tick(now) => {
+            app.now = now;
+            vec![]
+        }
+        Msg::Resize => vec![],
+        Msg::Spool(state) => {
+            app.state = *state;
+            app.loaded = true;
+            app.refilter();
+            // The log may have grown and the spec been requeued: read it again.
+            detail_effect(app, true)
+        }
+        Msg::SpoolError(e) => {
+            app.set_note(e, true);
+            vec![]
+        }
+        Msg::Detail(d) => {
+            app.detail = Some(*d);
+            vec![]
+        }
+        Msg::Reaped(Ok(report)) => {
+            if !report.is_empty() {
+                let text = format!("reaper: {}", report.lines().join("; "));
+                tracing::info!("{text}");
+                app.reaper_note = Some(super::app::Note { text, error: false });
+                return vec![Effect::Refresh];
+            }
+            vec![]
+        }
+        Msg::Reaped(Err(e)) => {
+            tracing::warn!("reaper: {e}");
+            app.reaper_note = Some(super::app::Note {
+                text: format!("reaper: {e}"),
+                error: true,
+            });
+            vec![]
+        }
+        Msg::Key(key) => on_key(app, key),
+        Msg::Paste(text) => {
+            // One line only: a pasted newline must not submit anything.
+            let text = text.lines().next().unwrap_or("").to_string();
+            match &mut app.mode {
+                Mode::AddJob { input, .. } => input.push_str(&text),
+                Mode::Filter => {
+                    app.filter.push_str(&text);
+                    app.refilter();
+                }
+                _ => {}
+            }
+            vec![]
+        }
+    }
+}
+
+fn detail_effect(app: &App, always: bool) -> Vec<Effect> {
+    match app.selected() {
+        Some(j) if always || app.current_detail().is_none() => {
+            vec![Effect::LoadDetail(j.id.clone())]
+        }
+        _ => vec![],
+    }
+}
+
+fn on_key(app: &mut App, key: KeyEvent) -> Vec<Effect> {
+    if key.modifiers.contains(KeyModifiers::CONTROL) && key.code == KeyCode::Char('c') {
+        app.quit = true;
+        return vec![];
+    }
+    match app.mode.clone() {
+        Mode::Normal => normal_key(app, key),
+        Mode::Help => {
+            app.mode = Mode::Normal;
+            vec![]
+        }
+        Mode::Filter => {
+            match key.code {
+                KeyCode::Enter => app.mode = Mode::Normal,
+                KeyCode::Esc => {
+                    app.filter.clear();
+                    app.mode = Mode::Normal;
+                }
+                KeyCode::Backspace => {
+                    app.filter.pop();
+                }
+                KeyCode::Char(c) => app.filter.push(c),
+                _ => return vec![],
+            }
+            app.refilter();
+            detail_effect(app, false)
+        }
+        Mode::AddJob { mut input, error } => match key.code {
+            KeyCode::Esc => {
+                app.mode = Mode::Normal;
+                vec![]
+            }
+            KeyCode::Enter => add_job(app, &input),
+            KeyCode::Backspace => {
+                input.pop();
+                app.mode = Mode::AddJob { input, error };
+                vec![]
+            }
+            KeyCode::Char(c) => {
+                input.push(c);
+                app.mode = Mode::AddJob { input, error };
+                vec![]
+            }
+            _ => vec![],
+        },
+        Mode::Confirm(what) => match key.code {
+            KeyCode::Char('y') | KeyCode::Char('Y') | KeyCode::Enter => {
+                app.mode = Mode::Normal;
+                match what {
+                    Confirm::Cancel(id) => cancel(app, &id),
+                    Confirm::Reclaim(id) => reclaim(app, &id),
+                }
+            }
+            KeyCode::Char('n') | KeyCode::Char('N') | KeyCode::Esc | KeyCode::Char('q') => {
+                app.mode = Mode::Normal;
+                app.set_note("nothing changed", false);
+                vec![]
+            }
+            _ => vec![],
+        },
+        Mode::Log { up } => {
+            let len = app.current_detail().map_or(0, |d| d.log.len());
+            let up = match key.code {
+                KeyCode::Esc | KeyCode::Char('q') | KeyCode::Char('l') | KeyCode::Enter => {
+                    app.mode = Mode::Normal;
+                    return vec![];
+                }
+                KeyCode::Up | KeyCode::Char('k') => up + 1,
+                KeyCode::Down | KeyCode::Char('j') => up.saturating_sub(1),
+                KeyCode::PageUp => up + PAGE,
+                KeyCode::PageDown => up.saturating_sub(PAGE),
+                KeyCode::Home | KeyCode::Char('g') => len,
+                KeyCode::End | KeyCode::Char('G') => 0,
+                _ => up,
+            };
+            app.mode = Mode::Log {
+                up: up.min(len.saturating_sub(1)),
+            };
+            vec![]
+        }
+    }
+}
+
+fn normal_key(app: &mut App, key: KeyEvent) -> Vec<Effect> {
+    match key.code {
+        KeyCode::Char('q') => {
+            app.quit = true;
+            return vec![];
+        }
+        KeyCode::Char('?') => app.mode = Mode::Help,
+        KeyCode::Tab => app.focus = app.focus.next(false),
+        KeyCode::BackTab => app.focus = app.focus.next(true),
+        KeyCode::Char('/') => app.mode = Mode::Filter,
+        KeyCode::Esc => {
+            app.note = None;
+            if !app.filter.is_empty() {
+                app.filter.clear();
+                app.refilter();
+                return detail_effect(app, false);
+            }
+        }
+        KeyCode::Char('a') => {
+            app.mode = Mode::AddJob {
+                input: String::new(),
+                error: None,
+            }
+        }
+        KeyCode::Up | KeyCode::Char('k') => return move_cursor(app, -1),
+        KeyCode::Down | KeyCode::Char('j') => return move_cursor(app, 1),
+        KeyCode::PageUp => return move_cursor(app, -(PAGE as i64)),
+        KeyCode::PageDown => return move_cursor(app, PAGE as i64),
+        KeyCode::Home | KeyCode::Char('g') => return move_cursor(app, i64::MIN / 2),
+        KeyCode::End | KeyCode::Char('G') => return move_cursor(app, i64::MAX / 2),
+        KeyCode::Enter if matches!(app.focus, Pane::Agents | Pane::Images) => {
+            let job = match app.focus {
+                Pane::Agents => app.selected_agent().and_then(|a| a.job.clone()),
+                _ => app.selected_image().map(|m| m.job.clone()),
+            };
+            if let Some(id) = job {
+                if app.select_job(&id) {
+                    app.focus = Pane::Detail;
+                    return detail_effect(app, false);
+                }
+            }
+        }
+        _ if matches!(app.focus, Pane::Jobs | Pane::Detail) => return job_key(app, key),
+        _ => {}
+    }
+    vec![]
+}
+
+/// Keys that act on the selected job.
+fn job_key(app: &mut App, key: KeyEvent) -> Vec<Effect> {
+    let Some(id) = app.selected().map(|j| j.id.clone()) else {
+        return vec![];
+    };
+    match key.code {
+        KeyCode::Char('+') | KeyCode::Char('=') => change_priority(app, &id, true),
+        KeyCode::Char('-') => change_priority(app, &id, false),
+        KeyCode::Char('K') => shift(app, &id, true),
+        KeyCode::Char('J') => shift(app, &id, false),
+        KeyCode::Char('c') => {
+            app.mode = Mode::Confirm(Confirm::Cancel(id));
+            vec![]
+        }
+        KeyCode::Char('R') => {
+            app.mode = Mode::Confirm(Confirm::Reclaim(id));
+            vec![]
+        }
+        KeyCode::Char('r') => act(app, |spool, now| {
+            master::requeue(spool, &id, now)?;
+            Ok(format!("requeued {id}"))
+        }),
+        KeyCode::Char('e') => act(app, |spool, _| {
+            let lease = master::extend(spool, &id, EXTEND_BY)?;
+            Ok(format!(
+                "extended the lease on {id} by {} to {}",
+                format_secs(EXTEND_BY.as_secs() as i64),
+                lease.deadline
+            ))
+        }),
+        KeyCode::Char('l') | KeyCode::Enter => {
+            app.mode = Mode::Log { up: 0 };
+            detail_effect(app, false)
+        }
+        _ => vec![],
+    }
+}
+
+fn move_cursor(app: &mut App, by: i64) -> Vec<Effect> {
+    fn step(cursor: usize, len: usize, by: i64) -> usize {
+        (cursor as i64 + by).clamp(0, len.saturating_sub(1) as i64) as usize
+    }
+    match app.focus {
+        Pane::Jobs => {
+            app.job_cursor = step(app.job_cursor, app.job_rows.len(), by);
+            app.selected_job = app.selected().map(|j| j.id.clone());
+            app.detail_scroll = 0;
+            return detail_effect(app, false);
+        }
+        Pane::Agents => app.agent_cursor = step(app.agent_cursor, app.agent_rows.len(), by),
+        Pane::Images => app.image_cursor = step(app.image_cursor, app.image_rows.len(), by),
+        Pane::Detail => {
+            app.detail_scroll = (app.detail_scroll as i64 + by).clamp(0, u16::MAX as i64) as u16
+        }
+    }
+    vec![]
+}
+
+/// Runs one change under the master lock, as the CLI does, and reports it.
+fn act(
+    app: &mut App,
+    change: impl FnOnce(&LocalSpool, kiln_protocol::time::Timestamp) -> Result<String, MasterError>,
+) -> Vec<Effect> {
+    let result = match app.spool.lock() {
+        Ok(_lock) => change(&app.spool, app.now).map_err(|e| e.to_string()),
+        Err(e) => Err(format!(
+            "taking the master lock on {}: {e}",
+            app.spool.root().display()
+        )),
+    };
+    match result {
+        Ok(text) => {
+            tracing::info!("{text}");
+            app.set_note(text, false);
+        }
+        Err(e) => {
+            tracing::warn!("{e}");
+            app.set_note(e, true);
+        }
+    }
+    vec![Effect::Refresh]
+}
+
+fn change_priority(app: &mut App, id: &str, up: bool) -> Vec<Effect> {
+    act(app, |spool, _| {
+        // Read the priority under the lock: the CLI may have changed it since
+        // the last refresh.
+        let list = read_job_list(spool).map_err(MasterError::from)?;
+        let old = list
+            .get(id)
+            .ok_or_else(|| MasterError::NoSuchJob(id.into()))?
+            .priority;
+        let new = if up {
+            old.saturating_add(PRIORITY_STEP).min(MAX_PRIORITY)
+        } else {
+            old.saturating_sub(PRIORITY_STEP)
+        };
+        if new == old {
+            return Ok(format!("{id} is already at priority {old}"));
+        }
+        master::set_priority(spool, id, new)?;
+        Ok(format!("{id}: priority {old} -> {new}"))
+    })
+}
+
+fn shift(app: &mut App, id: &str, up: bool) -> Vec<Effect> {
+    act(app, |spool, _| {
+        Ok(match master::shift(spool, id, up)? {
+            Some(p) => format!(
+                "moved {id} {} (priority {p})",
+                if up { "up" } else { "down" }
+            ),
+            None => format!(
+                "{id} is already the {} queued job",
+                if up { "first" } else { "last" }
+            ),
+        })
+    })
+}
+
+fn cancel(app: &mut App, id: &str) -> Vec<Effect> {
+    act(app, |spool, now| {
+        master::cancel(spool, id, now)?;
+        Ok(format!("cancelled {id}"))
+    })
+}
+
+fn reclaim(app: &mut App, id: &str) -> Vec<Effect> {
+    act(app, |spool, now| {
+        Ok(match master::reclaim(spool, id, now)? {
+            EntryState::Queued => format!("reclaimed the lease on {id}; it is queued again"),
+            EntryState::Failed => format!("reclaimed the lease on {id}; no attempts left, failed"),
+            other => format!("reclaimed the lease on {id}; it is {other:?}").to_lowercase(),
+        })
+    })
+}
+
+/// Expands a leading `~/` as a shell would.
+fn expand_path(input: &str) -> PathBuf {
+    match (input.strip_prefix("~/"), std::env::var_os("HOME")) {
+        (Some(rest), Some(home)) => Path::new(&home).join(rest),
+        _ => PathBuf::from(input),
+    }
+}
+
+fn add_job(app: &mut App, input: &str) -> Vec<Effect> {
+    let input = input.trim();
+    if input.is_empty() {
+        app.mode = Mode::AddJob {
+            input: String::new(),
+            error: Some("type the path of a job file".into()),
+        };
+        return vec![];
+    }
+    let path = expand_path(input);
+    let outcome = std::fs::read_to_string(&path)
+        .map_err(|e| format!("reading {}: {e}", path.display()))
+        .and_then(|text| match app.spool.lock() {
+            Ok(_lock) => {
+                master::add_job(&app.spool, &text, &path, app.now).map_err(|e| e.to_string())
+            }
+            Err(e) => Err(format!("taking the master lock: {e}")),
+        });
+    match outcome {
+        Ok(entry) => {
+            let text = format!("added {} at priority {}", entry.id, entry.priority);
+            tracing::info!("{text} from {}", path.display());
+            app.set_note(text, false);
+            app.mode = Mode::Normal;
+            app.focus = Pane::Jobs;
+            // The refresh puts the cursor on it.
+            app.selected_job = Some(entry.id);
+            vec![Effect::Refresh]
+        }
+        Err(e) => {
+            tracing::info!("adding {}: {e}", path.display());
+            app.mode = Mode::AddJob {
+                input: input.to_string(),
+                error: Some(e),
+            };
+            vec![]
+        }
+    }
+}

@@ -1,0 +1,71 @@
+//! The Agents pane: every agent seen in status records and history.
+
+use ratatui::layout::{Constraint, Rect};
+use ratatui::text::Span;
+use ratatui::widgets::{Cell, Paragraph, Row, Table, TableState};
+use ratatui::Frame;
+
+use super::theme::Theme;
+use super::{age, pane_block, window};
+use crate::tui::app::App;
+
+pub fn draw(app: &App, theme: Theme, f: &mut Frame, area: Rect, focused: bool) {
+    let block = pane_block(app, theme, "Agents", Some(app.agent_rows.len()), focused);
+    let inner = block.inner(area);
+    f.render_widget(block, area);
+    if app.agent_rows.is_empty() {
+        let text = if app.loaded {
+            "no agent has reported yet"
+        } else {
+            "reading the spool…"
+        };
+        f.render_widget(Paragraph::new(Span::styled(text, theme.dim())), inner);
+        return;
+    }
+    let widths = [
+        Constraint::Min(10),
+        Constraint::Fill(1),
+        Constraint::Min(8),
+        Constraint::Length(9),
+        Constraint::Length(13),
+        Constraint::Length(4),
+    ];
+    let header =
+        Row::new(["AGENT", "SERVER", "JOB", "PHASE", "HEARTBEAT", "DONE"]).style(theme.header());
+    let height = inner.height.saturating_sub(1) as usize;
+    let offset = window(app.agent_cursor, height);
+    let rows = app
+        .agent_rows
+        .iter()
+        .skip(offset)
+        .take(height)
+        .map(|&i| {
+            let a = &app.state.agents[i];
+            let heartbeat = match a.last_heartbeat {
+                Some(t) if a.is_stale(app.now) => {
+                    Cell::from(format!("{} STALE", age(app.now, t))).style(theme.danger())
+                }
+                Some(t) => Cell::from(format!("{} ago", age(app.now, t))),
+                None if a.is_stale(app.now) => Cell::from("never STALE").style(theme.danger()),
+                None => Cell::from("never"),
+            };
+            Row::new([
+                Cell::from(a.id.clone()),
+                Cell::from(a.server.clone()),
+                Cell::from(a.job.clone().unwrap_or_default()),
+                Cell::from(a.phase.clone().unwrap_or_default()),
+                heartbeat,
+                Cell::from(format!("{:>4}", a.done)),
+            ])
+        })
+        .collect::<Vec<_>>();
+    let mut state = TableState::new();
+    if focused {
+        state.select(Some(app.agent_cursor - offset));
+    }
+    let table = Table::new(rows, widths)
+        .header(header)
+        .column_spacing(1)
+        .row_highlight_style(theme.selected());
+    f.render_stateful_widget(table, inner, &mut state);
+}
