@@ -13,6 +13,8 @@ pub mod master;
 pub mod names;
 pub mod publish;
 pub mod queue;
+#[cfg(feature = "sftp")]
+pub mod sftp;
 pub mod spool;
 pub mod status;
 pub mod time;
