@@ -1,1 +1,484 @@
-pub fn run() {}
+//! The headless subcommands of `kiln-master`.
+//!
+//! Exit codes: 0 ok, 1 the operation failed, 2 bad usage or bad input.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use kiln_protocol::master::{self, JobState, JobView, MasterError};
+use kiln_protocol::names::check_payload_name;
+use kiln_protocol::publish::reap;
+use kiln_protocol::spool::{payload_path, JOB_LIST, PAYLOADS};
+use kiln_protocol::time::{format_secs, Timestamp};
+use kiln_protocol::units::{human_bytes, Span};
+use kiln_protocol::LocalSpool;
+
+/// The kiln master: keeps the job list, reaps expired leases, publishes
+/// verified images, and gives the operator a console (`kiln-master tui`).
+#[derive(Parser, Debug)]
+#[command(name = "kiln-master", version, about, long_about = None)]
+pub struct Cli {
+    /// The spool directory.
+    #[arg(long, global = true, env = "KILN_SPOOL", default_value = "./spool")]
+    pub spool: PathBuf,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create the spool's directories and an empty job list.
+    Init,
+    /// Manage payload archives in the spool.
+    #[command(subcommand)]
+    Payload(PayloadCommand),
+    /// Validate job files, pin their payloads' hashes and queue them.
+    Add {
+        #[arg(required = true, value_name = "JOB.toml")]
+        files: Vec<PathBuf>,
+    },
+    /// List jobs in the order agents take them, then finished ones.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one job: its state, lease, status and spec.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set a job's priority (0 to 1000, higher is taken first).
+    Priority { id: String, priority: u32 },
+    /// Cancel a job; an agent holding it stops at its next heartbeat.
+    Cancel { id: String },
+    /// Put a failed, invalid or cancelled job back in the queue.
+    Requeue { id: String },
+    /// One pass: reclaim expired leases and publish verified uploads.
+    Reap,
+    /// Reap and publish in a loop until Ctrl-C.
+    Serve {
+        /// Time between passes.
+        #[arg(long, default_value = "2s", value_parser = parse_interval)]
+        interval: Span,
+    },
+    /// The operator's terminal UI over the spool.
+    Tui,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PayloadCommand {
+    /// Copy an archive into the spool's payloads/ and print its BLAKE3.
+    Add {
+        file: PathBuf,
+        /// Name under payloads/ (default: the file's name).
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+fn parse_interval(s: &str) -> Result<Span, String> {
+    kiln_protocol::units::parse_span(s)
+}
+
+/// An error with the exit code it deserves.
+#[derive(Debug)]
+struct Failure {
+    code: u8,
+    error: anyhow::Error,
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(error: anyhow::Error) -> Self {
+        let code = match error.downcast_ref::<MasterError>() {
+            Some(e) if e.is_bad_input() => 2,
+            _ => 1,
+        };
+        Failure { code, error }
+    }
+}
+
+impl From<MasterError> for Failure {
+    fn from(e: MasterError) -> Self {
+        anyhow::Error::from(e).into()
+    }
+}
+
+fn bad_input(error: anyhow::Error) -> Failure {
+    Failure { code: 2, error }
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if !matches!(cli.command, Command::Tui) {
+        tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn".into()),
+            )
+            .with_writer(io::stderr)
+            .with_target(false)
+            .init();
+    }
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("kiln-master: {:#}", f.error);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn open_spool(path: &Path) -> Result<LocalSpool, Failure> {
+    let spool = LocalSpool::new(path);
+    if !spool.path(JOB_LIST).exists() {
+        return Err(bad_input(anyhow::anyhow!(
+            "{} is not a spool (no {JOB_LIST}); create one with `kiln-master --spool {} init`",
+            path.display(),
+            path.display()
+        )));
+    }
+    Ok(spool)
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    let now = Timestamp::now();
+    match cli.command {
+        Command::Init => {
+            std::fs::create_dir_all(&cli.spool)
+                .with_context(|| format!("creating {}", cli.spool.display()))?;
+            let spool = LocalSpool::new(&cli.spool);
+            let _lock = spool
+                .lock()
+                .with_context(|| format!("locking {}", cli.spool.display()))?;
+            master::init(&spool)?;
+            println!("spool ready at {}", cli.spool.display());
+        }
+        Command::Payload(PayloadCommand::Add { file, name }) => {
+            let spool = open_spool(&cli.spool)?;
+            let (name, hash, size) = add_payload(&spool, &file, name.as_deref())?;
+            println!("{hash}  {PAYLOADS}/{name} ({})", human_bytes(size));
+        }
+        Command::Add { files } => {
+            let spool = open_spool(&cli.spool)?;
+            let _lock = lock(&spool)?;
+            let mut failed: Option<Failure> = None;
+            for file in &files {
+                let text = match std::fs::read_to_string(file) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        let f = bad_input(
+                            anyhow::Error::new(e).context(format!("reading {}", file.display())),
+                        );
+                        eprintln!("kiln-master: {:#}", f.error);
+                        failed = Some(f);
+                        continue;
+                    }
+                };
+                match master::add_job(&spool, &text, file, now) {
+                    Ok(e) => println!(
+                        "queued {} (priority {}, time limit {})",
+                        e.id, e.priority, e.time_limit
+                    ),
+                    Err(e) => {
+                        let f = Failure::from(e);
+                        eprintln!("kiln-master: {:#}", f.error);
+                        failed = Some(f);
+                    }
+                }
+            }
+            if let Some(f) = failed {
+                return Err(Failure {
+                    code: f.code,
+                    error: anyhow::anyhow!("some jobs were not added"),
+                });
+            }
+        }
+        Command::List { json } => {
+            let spool = open_spool(&cli.spool)?;
+            let views = master::job_views(&spool, now)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&views).context("writing JSON")?
+                );
+            } else {
+                print!("{}", format_table(&views));
+            }
+        }
+        Command::Show { id, json } => {
+            let spool = open_spool(&cli.spool)?;
+            let view = master::job_view(&spool, &id, now)?;
+            let spec = master::read_job_spec(&spool, &id).ok();
+            if json {
+                let value = serde_json::json!({
+                    "job": view,
+                    "lease": view.lease.as_ref().map(|l| serde_json::json!({
+                        "agent": l.agent, "token": l.token, "acquired": l.acquired.to_string(),
+                        "deadline": l.deadline.to_string(), "attempt": l.attempt,
+                    })),
+                    "spec": spec.as_ref().map(|(text, _)| text),
+                });
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&value).context("writing JSON")?
+                );
+            } else {
+                print!(
+                    "{}",
+                    format_show(&view, spec.as_ref().map(|(t, _)| t.as_str()))
+                );
+            }
+        }
+        Command::Priority { id, priority } => {
+            let spool = open_spool(&cli.spool)?;
+            let _lock = lock(&spool)?;
+            master::set_priority(&spool, &id, priority)?;
+            println!("{id}: priority {priority}");
+        }
+        Command::Cancel { id } => {
+            let spool = open_spool(&cli.spool)?;
+            let _lock = lock(&spool)?;
+            master::cancel(&spool, &id, now)?;
+            println!("{id}: cancelled");
+        }
+        Command::Requeue { id } => {
+            let spool = open_spool(&cli.spool)?;
+            let _lock = lock(&spool)?;
+            master::requeue(&spool, &id, now)?;
+            println!("{id}: queued");
+        }
+        Command::Reap => {
+            let spool = open_spool(&cli.spool)?;
+            let _lock = lock(&spool)?;
+            let report = reap(&spool, now)?;
+            for line in report.lines() {
+                println!("{line}");
+            }
+            if report.is_empty() {
+                println!("nothing to do");
+            }
+        }
+        Command::Serve { interval } => {
+            let spool = open_spool(&cli.spool)?;
+            serve(&spool, interval.0)?;
+        }
+        Command::Tui => {
+            let spool = open_spool(&cli.spool)?;
+            crate::tui::run(spool.root())?;
+        }
+    }
+    Ok(())
+}
+
+fn lock(spool: &LocalSpool) -> Result<kiln_protocol::spool::MasterLock, Failure> {
+    Ok(spool
+        .lock()
+        .with_context(|| format!("locking {}", spool.root().display()))?)
+}
+
+/// Copies a payload into the spool, hashing it on the way. An existing
+/// payload of the same name is kept unless it is the same file.
+fn add_payload(
+    spool: &LocalSpool,
+    file: &Path,
+    name: Option<&str>,
+) -> Result<(String, String, u64), Failure> {
+    let name = match name {
+        Some(n) => n.to_string(),
+        None => file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(str::to_string)
+            .ok_or_else(|| {
+                bad_input(anyhow::anyhow!(
+                    "{}: cannot take a payload name from it; pass --name",
+                    file.display()
+                ))
+            })?,
+    };
+    check_payload_name(&name)
+        .map_err(|p| bad_input(anyhow::anyhow!("--name: payload name {p}")))?;
+    let mut src = File::open(file)
+        .with_context(|| format!("opening {}", file.display()))
+        .map_err(bad_input)?;
+    let rel = payload_path(&name);
+    let target = spool.path(&rel);
+    if let Some(dir) = target.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let tmp = spool.path(&kiln_protocol::spool::temp_name(&rel));
+    let result = (|| -> anyhow::Result<(String, u64)> {
+        let mut out = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut size = 0u64;
+        loop {
+            let n = src
+                .read(&mut buf)
+                .with_context(|| format!("reading {}", file.display()))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n])
+                .with_context(|| format!("writing {}", tmp.display()))?;
+            size += n as u64;
+        }
+        out.sync_all()
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        Ok((hasher.finalize().to_hex().to_string(), size))
+    })();
+    let (hash, size) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e.into());
+        }
+    };
+    if let Some(existing) = master::hash_payload(spool, &name)? {
+        let _ = std::fs::remove_file(&tmp);
+        if existing != hash {
+            return Err(bad_input(anyhow::anyhow!(
+                "{rel} already exists with BLAKE3 {existing}; jobs may pin it, so it is kept (choose another --name)"
+            )));
+        }
+        return Ok((name, hash, size));
+    }
+    // link(2) never replaces an existing payload, even one added meanwhile.
+    let placed =
+        std::fs::hard_link(&tmp, &target).with_context(|| format!("placing {}", target.display()));
+    let _ = std::fs::remove_file(&tmp);
+    placed?;
+    Ok((name, hash, size))
+}
+
+fn serve(spool: &LocalSpool, interval: Duration) -> Result<(), Failure> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
+        .context("installing the Ctrl-C handler")?;
+    eprintln!(
+        "kiln-master: serving {} every {}; Ctrl-C stops",
+        spool.root().display(),
+        Span(interval)
+    );
+    while !stop.load(Ordering::SeqCst) {
+        {
+            let _lock = lock(spool)?;
+            match reap(spool, Timestamp::now()) {
+                Ok(report) => {
+                    for line in report.lines() {
+                        println!("{} {line}", Timestamp::now());
+                    }
+                }
+                Err(e) => eprintln!("kiln-master: reap failed: {e:#}"),
+            }
+        }
+        let until = std::time::Instant::now() + interval;
+        while !stop.load(Ordering::SeqCst) && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    eprintln!("kiln-master: stopped");
+    Ok(())
+}
+
+fn format_table(views: &[JobView]) -> String {
+    let mut rows = vec![[
+        "ID",
+        "PRIO",
+        "STATE",
+        "HOLDER",
+        "PHASE",
+        "PROGRESS",
+        "LEASE LEFT",
+        "ATTEMPTS",
+    ]
+    .map(String::from)];
+    for v in views {
+        rows.push([
+            v.id.clone(),
+            v.priority.to_string(),
+            v.state.to_string(),
+            v.holder.clone().unwrap_or_else(|| "-".into()),
+            v.phase.clone().unwrap_or_else(|| "-".into()),
+            v.progress
+                .map(|p| format!("{:.0}%", p * 100.0))
+                .unwrap_or_else(|| "-".into()),
+            v.remaining.map(format_secs).unwrap_or_else(|| "-".into()),
+            format!("{}/{}", v.attempts, v.max_attempts),
+        ]);
+    }
+    let widths: Vec<usize> = (0..8)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in &rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    let failed: Vec<&JobView> = views
+        .iter()
+        .filter(|v| {
+            matches!(v.state, JobState::Failed | JobState::Invalid) && !v.message.is_empty()
+        })
+        .collect();
+    for v in failed {
+        out.push_str(&format!("{}: {}\n", v.id, v.message));
+    }
+    out
+}
+
+fn format_show(v: &JobView, spec: Option<&str>) -> String {
+    let mut out = format!(
+        "job        {}\nstate      {}\npriority   {}\nattempts   {}/{}\nsubmitted  {}\n",
+        v.id, v.state, v.priority, v.attempts, v.max_attempts, v.submitted
+    );
+    if let Some(l) = &v.lease {
+        out.push_str(&format!(
+            "lease      {} (token {}), acquired {}, deadline {} ({} left)\n",
+            l.agent,
+            l.token,
+            l.acquired,
+            l.deadline,
+            v.remaining.map(format_secs).unwrap_or_default()
+        ));
+    } else if let Some(h) = &v.holder {
+        out.push_str(&format!("built by   {h}\n"));
+    }
+    if let Some(s) = &v.status {
+        out.push_str(&format!(
+            "status     {:?} in {} ({:.0}%), updated {}\n",
+            s.state,
+            s.phase,
+            s.progress * 100.0,
+            s.updated
+        ));
+    }
+    if !v.message.is_empty() {
+        out.push_str(&format!("message    {}\n", v.message));
+    }
+    if let Some(text) = spec {
+        out.push_str("\n# spec\n");
+        out.push_str(text);
+        if !text.ends_with('\n') {
+            out.push('\n');
+        }
+    }
+    out
+}
