@@ -172,6 +172,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let spool = open_spool(&cli.spool)?;
             let _lock = lock(&spool)?;
             let mut failed: Option<Failure> = None;
+            let mut refused = 0;
             for file in &files {
                 let text = match std::fs::read_to_string(file) {
                     Ok(t) => t,
@@ -181,6 +182,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                         );
                         eprintln!("kiln-master: {:#}", f.error);
                         failed = Some(f);
+                        refused += 1;
                         continue;
                     }
                 };
@@ -193,13 +195,14 @@ fn run(cli: Cli) -> Result<(), Failure> {
                         let f = Failure::from(e);
                         eprintln!("kiln-master: {:#}", f.error);
                         failed = Some(f);
+                        refused += 1;
                     }
                 }
             }
             if let Some(f) = failed {
                 return Err(Failure {
                     code: f.code,
-                    error: anyhow::anyhow!("some jobs were not added"),
+                    error: anyhow::anyhow!("{refused} of {} job files not added", files.len()),
                 });
             }
         }
