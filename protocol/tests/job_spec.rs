@@ -106,3 +106,17 @@ fn a_missing_file_is_named() {
         "{err}"
     );
 }
+
+#[test]
+fn example_jobs_are_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/jobs");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            load_job(&path).unwrap_or_else(|e| panic!("{e}"));
+            n += 1;
+        }
+    }
+    assert!(n > 0, "no example jobs in {}", dir.display());
+}
