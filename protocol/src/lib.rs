@@ -20,6 +20,7 @@ pub mod status;
 pub mod time;
 pub mod units;
 pub mod upload;
+pub mod uploader;
 
 pub use job::{load_job, parse_job, JobError, JobSpec};
 pub use spool::{LocalSpool, SpoolFs};
