@@ -190,6 +190,7 @@ fn normal_key(app: &mut App, key: KeyEvent) -> Vec<Effect> {
             }
         }
         KeyCode::Char('a') => {
+            app.note = None;
             app.mode = Mode::AddJob {
                 input: String::new(),
                 error: None,
@@ -250,6 +251,7 @@ fn job_key(app: &mut App, key: KeyEvent) -> Vec<Effect> {
             ))
         }),
         KeyCode::Char('l') | KeyCode::Enter => {
+            app.note = None;
             app.mode = Mode::Log { up: 0 };
             detail_effect(app, false)
         }

@@ -3,7 +3,7 @@
 use kiln_protocol::units::human_bytes;
 use ratatui::layout::{Constraint, Rect};
 use ratatui::text::Span;
-use ratatui::widgets::{Cell, Paragraph, Row, Table, TableState};
+use ratatui::widgets::{Cell, HighlightSpacing, Paragraph, Row, Table, TableState};
 use ratatui::Frame;
 
 use super::theme::Theme;
@@ -37,7 +37,7 @@ pub fn draw(app: &App, theme: Theme, f: &mut Frame, area: Rect, focused: bool) {
         "JOB",
         "SIZE",
         "RATIO",
-        "BLAKE3 (verified)",
+        if wide { "BLAKE3 (verified)" } else { "BLAKE3" },
         if wide { "PUBLISHED" } else { "AGE" },
         "AGENT",
     ])
@@ -77,6 +77,8 @@ pub fn draw(app: &App, theme: Theme, f: &mut Frame, area: Rect, focused: bool) {
     let table = Table::new(rows, widths)
         .header(header)
         .column_spacing(1)
-        .row_highlight_style(theme.selected());
+        .row_highlight_style(theme.selected())
+        .highlight_symbol("▶")
+        .highlight_spacing(HighlightSpacing::Always);
     f.render_stateful_widget(table, inner, &mut state);
 }

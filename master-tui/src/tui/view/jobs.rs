@@ -6,7 +6,7 @@ use kiln_protocol::time::{format_secs, Timestamp};
 use ratatui::layout::{Constraint, Rect};
 use ratatui::style::Style;
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Cell, Paragraph, Row, Table, TableState};
+use ratatui::widgets::{Cell, HighlightSpacing, Paragraph, Row, Table, TableState};
 use ratatui::Frame;
 
 use super::theme::Theme;
@@ -81,7 +81,9 @@ pub fn draw(app: &App, theme: Theme, f: &mut Frame, area: Rect, focused: bool) {
     let table = Table::new(table_rows, widths)
         .header(header)
         .column_spacing(1)
-        .row_highlight_style(theme.selected());
+        .row_highlight_style(theme.selected())
+        .highlight_symbol("▶")
+        .highlight_spacing(HighlightSpacing::Always);
     f.render_stateful_widget(table, inner, &mut state);
 
     if let Some(y) = sep_at {

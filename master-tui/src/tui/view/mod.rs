@@ -47,7 +47,10 @@ pub fn view(app: &App, f: &mut Frame) {
         draw_tabs(app, theme, f, tabs);
         draw_pane(app, theme, f, app.focus, pane);
     }
-    draw_status_bar(app, theme, f, bar);
+    let grid = !matches!(app.mode, Mode::Log { .. })
+        && body.width >= GRID_MIN_WIDTH
+        && body.height >= GRID_MIN_HEIGHT - 3;
+    draw_status_bar(app, theme, f, bar, grid);
     overlay::draw(app, theme, f, body);
 }
 
@@ -101,11 +104,17 @@ fn draw_tabs(app: &App, theme: Theme, f: &mut Frame, area: Rect) {
         };
         spans.push(Span::styled(format!(" {} ", p.title()), style));
     }
-    spans.push(Span::styled("   Tab: next pane", theme.dim()));
+    // The spool's path goes here when the status bar has no room for it.
+    let used: usize = spans.iter().map(|s| s.width()).sum();
+    let room = (area.width as usize).saturating_sub(used + 2);
+    let path = shorten_left(&app.spool_label, room);
+    let pad = room.saturating_sub(path.chars().count());
+    spans.push(Span::raw(" ".repeat(pad + 1)));
+    spans.push(Span::styled(path, theme.dim()));
     f.render_widget(Paragraph::new(Line::from(spans)), area);
 }
 
-fn draw_status_bar(app: &App, theme: Theme, f: &mut Frame, area: Rect) {
+fn draw_status_bar(app: &App, theme: Theme, f: &mut Frame, area: Rect, with_path: bool) {
     let [counts_line, note_line, keys_line] =
         Layout::vertical([Constraint::Length(1); 3]).areas(area);
 
@@ -113,18 +122,20 @@ fn draw_status_bar(app: &App, theme: Theme, f: &mut Frame, area: Rect) {
     if app.loaded {
         for (state, n) in JobState::ALL.iter().zip(app.state.counts()) {
             counts.push(Span::styled(format!("{n} "), theme.header()));
-            counts.push(Span::styled(format!("{state}  "), theme.state(*state)));
+            counts.push(Span::styled(format!("{state} "), theme.state(*state)));
+            counts.push(Span::raw(if with_path { " " } else { "" }));
         }
     } else {
         counts.push(Span::styled("reading the spool…  ", theme.dim()));
     }
-    let used: usize = counts.iter().map(|s| s.width()).sum();
-    let room = (area.width as usize).saturating_sub(used + 8);
-    let mut line = vec![
-        Span::styled(" spool ", theme.dim()),
-        Span::raw(shorten_left(&app.spool_label, room)),
-        Span::styled(" │ ", theme.dim()),
-    ];
+    let mut line = vec![Span::raw(" ")];
+    if with_path {
+        let used: usize = counts.iter().map(|s| s.width()).sum();
+        let room = (area.width as usize).saturating_sub(used + 10);
+        line.push(Span::styled("spool ", theme.dim()));
+        line.push(Span::raw(shorten_left(&app.spool_label, room)));
+        line.push(Span::styled(" │ ", theme.dim()));
+    }
     line.extend(counts);
     f.render_widget(Paragraph::new(Line::from(line)), counts_line);
 

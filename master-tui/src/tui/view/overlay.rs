@@ -3,7 +3,7 @@
 use ratatui::layout::Rect;
 use ratatui::style::Style;
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Block, BorderType, Borders, Clear, Paragraph, Wrap};
+use ratatui::widgets::{Block, BorderType, Borders, Clear, Padding, Paragraph, Wrap};
 use ratatui::Frame;
 
 use super::theme::Theme;
@@ -37,6 +37,7 @@ fn popup(theme: Theme, title: &str) -> Block<'static> {
         .border_type(BorderType::Double)
         .border_style(theme.border(true))
         .title(Span::styled(format!(" {title} "), theme.header()))
+        .padding(Padding::horizontal(1))
 }
 
 fn help(theme: Theme, f: &mut Frame, area: Rect) {
@@ -71,7 +72,7 @@ fn help(theme: Theme, f: &mut Frame, area: Rect) {
         " The reaper runs in the background while this is open.",
         theme.dim(),
     )));
-    let rect = centered(area, 64, lines.len() as u16 + 2);
+    let rect = centered(area, 66, lines.len() as u16 + 2);
     f.render_widget(Clear, rect);
     f.render_widget(Paragraph::new(lines).block(popup(theme, "Keys")), rect);
 }
@@ -93,7 +94,7 @@ fn add_job(theme: Theme, f: &mut Frame, area: Rect, input: &str, error: Option<&
         ))),
     }
     let width = area.width.saturating_sub(4).min(76);
-    let text_width = width.saturating_sub(2).max(1) as usize;
+    let text_width = width.saturating_sub(4).max(1) as usize;
     let error_rows = error.map_or(1, |e| e.chars().count().div_ceil(text_width).max(1));
     let rect = centered(area, width, 5 + error_rows as u16);
     f.render_widget(Clear, rect);
@@ -138,7 +139,7 @@ fn confirm(app: &App, theme: Theme, f: &mut Frame, area: Rect, what: &Confirm) {
             Span::raw(" no"),
         ]),
     ];
-    let rect = centered(area, area.width.saturating_sub(4).min(60), 6);
+    let rect = centered(area, area.width.saturating_sub(4).min(62), 6);
     f.render_widget(Clear, rect);
     f.render_widget(
         Paragraph::new(lines)

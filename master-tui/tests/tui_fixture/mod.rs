@@ -1,0 +1,269 @@
+//! A spool with a job in every state, built with the protocol's own
+//! functions at fixed times, so the console's panes render the same every run.
+
+#![allow(dead_code)]
+
+use std::path::Path;
+
+use kiln_master::tui::{settle, App, Effect};
+use kiln_protocol::claim::{claim_next, heartbeat};
+use kiln_protocol::lease::Lease;
+use kiln_protocol::manifest::{DataRange, ImageManifest};
+use kiln_protocol::master::{add_job, cancel, init};
+use kiln_protocol::publish::reap;
+use kiln_protocol::spool::{incoming_dir, job_path, log_path, payload_path};
+use kiln_protocol::status::{AgentState, Status};
+use kiln_protocol::time::Timestamp;
+use kiln_protocol::upload::{chunk_name, Chunk, ChunkList, CHUNKS, JOB_LOG, MANIFEST};
+use kiln_protocol::{LocalSpool, SpoolFs};
+
+/// 2027-01-15T08:00:00Z.
+pub const T0: u64 = 1_800_000_000;
+/// The time the console is looking at the fixture.
+pub const NOW: Timestamp = Timestamp(T0 + 1200);
+
+pub fn at(secs: u64) -> Timestamp {
+    Timestamp(T0 + secs)
+}
+
+/// A valid job file: an ESP and a root filesystem, the base payload, one step.
+pub fn job_text(id: &str, priority: u32, time_limit: &str, max_attempts: u32) -> String {
+    format!(
+        r#"id = "{id}"
+priority = {priority}
+time_limit = "{time_limit}"
+max_attempts = {max_attempts}
+description = "{id} image for the lab"
+
+[disk]
+table = "gpt"
+
+[[disk.partitions]]
+label = "esp"
+size = "512MiB"
+kind = "esp"
+fs = "vfat"
+mount = "/boot/efi"
+
+[[disk.partitions]]
+label = "root"
+size = "rest"
+kind = "linux"
+fs = "ext4"
+mount = "/"
+
+[[payloads]]
+name = "base.tar"
+
+[[steps]]
+name = "enable-ssh"
+run = "systemctl enable ssh"
+"#
+    )
+}
+
+fn add(spool: &LocalSpool, id: &str, priority: u32, limit: &str, attempts: u32, t: u64) {
+    let text = job_text(id, priority, limit, attempts);
+    add_job(spool, &text, Path::new(&format!("{id}.toml")), at(t))
+        .unwrap_or_else(|e| panic!("adding {id}: {e}"));
+}
+
+fn claim(spool: &LocalSpool, agent: &str, t: u64) -> Lease {
+    claim_next(spool, agent, at(t))
+        .expect("claiming")
+        .expect("a job to claim")
+}
+
+#[allow(clippy::too_many_arguments)]
+fn beat(
+    spool: &LocalSpool,
+    lease: &Lease,
+    server: &str,
+    state: AgentState,
+    phase: &str,
+    progress: f32,
+    message: &str,
+    updated: u64,
+) {
+    let status = Status {
+        job: lease.job.clone(),
+        agent: lease.agent.clone(),
+        token: lease.token.clone(),
+        server: server.into(),
+        state,
+        phase: phase.into(),
+        progress,
+        message: message.into(),
+        started: lease.acquired,
+        updated: at(updated),
+    };
+    heartbeat(spool, lease, &status).expect("writing a heartbeat");
+}
+
+/// Uploads a complete image for `lease` the way an agent does: chunks, the
+/// chunk list, the job log, then the manifest last.
+fn upload(spool: &LocalSpool, lease: &Lease) {
+    let image: Vec<u8> = (0..40_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let dir = incoming_dir(&lease.job, &lease.token);
+    spool.mkdir_all(&dir).unwrap();
+    let chunk_size = 16_384;
+    let mut chunks = Vec::new();
+    for (i, piece) in image.chunks(chunk_size).enumerate() {
+        spool
+            .write_atomic(&format!("{dir}/{}", chunk_name(i)), piece)
+            .unwrap();
+        chunks.push(Chunk {
+            size: piece.len() as u64,
+            blake3: blake3::hash(piece).to_hex().to_string(),
+        });
+    }
+    let list = ChunkList {
+        chunk_size: chunk_size as u64,
+        total_size: image.len() as u64,
+        chunks,
+    };
+    spool
+        .write_atomic(&format!("{dir}/{CHUNKS}"), list.to_toml().as_bytes())
+        .unwrap();
+    spool
+        .write_atomic(
+            &format!("{dir}/{JOB_LOG}"),
+            b"check: disk /dev/vda 8 GiB\npartition: gpt, 2 partitions\nmkfs: vfat, ext4\npayloads: base.tar\ncapture: 4 MiB of data\nupload: 3 chunks\n",
+        )
+        .unwrap();
+    let manifest = ImageManifest {
+        format: "raw.zst".into(),
+        job: lease.job.clone(),
+        job_blake3: String::new(),
+        agent: lease.agent.clone(),
+        disk_size: 8 << 30,
+        block_size: 4096,
+        bytes_read: 4 << 20,
+        image_size: image.len() as u64,
+        image_blake3: blake3::hash(&image).to_hex().to_string(),
+        payloads: vec![],
+        started: lease.acquired,
+        finished: at(380),
+        phases: vec![],
+        ranges: vec![
+            DataRange {
+                offset: 0,
+                length: 1 << 20,
+                blake3: "0".repeat(64),
+            },
+            DataRange {
+                offset: 512 << 20,
+                length: 3 << 20,
+                blake3: "1".repeat(64),
+            },
+        ],
+    };
+    spool
+        .write_atomic(&format!("{dir}/{MANIFEST}"), manifest.to_toml().as_bytes())
+        .unwrap();
+}
+
+/// Builds the spool in `root`:
+///
+/// | job       | state     | how                                       |
+/// |-----------|-----------|-------------------------------------------|
+/// | db-02     | queued    | priority 700                              |
+/// | build-04  | leased    | agent-a, 60 s left at NOW, has a log      |
+/// | upload-05 | uploading | agent-b, whose heartbeat is stale         |
+/// | web-01    | queued    | priority 500                              |
+/// | cache-03  | queued    | priority 300                              |
+/// | done-06   | done      | agent-c uploaded, the reaper published it |
+/// | failed-08 | failed    | agent-d failed in partition, 1 attempt    |
+/// | bad-07    | invalid   | dropped in jobs/ with priority 5000       |
+/// | cancel-09 | cancelled | cancelled while queued                    |
+pub fn build(root: &Path) -> LocalSpool {
+    let spool = LocalSpool::new(root);
+    init(&spool).unwrap();
+    spool
+        .write_atomic(&payload_path("base.tar"), b"a base system archive")
+        .unwrap();
+
+    add(&spool, "build-04", 600, "20m", 3, 0);
+    let a = claim(&spool, "agent-a", 60);
+    beat(
+        &spool,
+        &a,
+        "10.0.0.1:22",
+        AgentState::Building,
+        "payloads",
+        0.4,
+        "",
+        1170,
+    );
+    spool
+        .write_atomic(
+            &log_path("build-04"),
+            b"check: disk /dev/sda 16 GiB\npartition: gpt, 2 partitions\nmkfs: vfat on esp\nmkfs: ext4 on root\npayloads: base.tar 40%\n",
+        )
+        .unwrap();
+
+    add(&spool, "upload-05", 600, "1h", 3, 120);
+    let b = claim(&spool, "agent-b", 180);
+    beat(
+        &spool,
+        &b,
+        "10.0.0.1:22",
+        AgentState::Uploading,
+        "upload",
+        0.7,
+        "",
+        1000,
+    );
+
+    add(&spool, "done-06", 600, "1h", 3, 240);
+    let c = claim(&spool, "agent-c", 250);
+    upload(&spool, &c);
+    beat(
+        &spool,
+        &c,
+        "10.0.0.2:22",
+        AgentState::Uploaded,
+        "upload",
+        1.0,
+        "",
+        390,
+    );
+
+    add(&spool, "failed-08", 400, "1h", 1, 300);
+    let d = claim(&spool, "agent-d", 310);
+    beat(
+        &spool,
+        &d,
+        "10.0.0.2:22",
+        AgentState::Failed,
+        "partition",
+        0.0,
+        "sfdisk exited with status 1",
+        330,
+    );
+
+    let bad = job_text("bad-07", 5000, "1h", 3);
+    spool
+        .write_atomic(&job_path("bad-07"), bad.as_bytes())
+        .unwrap();
+
+    let report = reap(&spool, at(400)).unwrap();
+    assert_eq!(report.published, ["done-06"], "{report:?}");
+
+    add(&spool, "web-01", 500, "1h", 3, 500);
+    add(&spool, "db-02", 700, "1h", 3, 510);
+    add(&spool, "cache-03", 300, "1h", 3, 520);
+    add(&spool, "cancel-09", 500, "1h", 3, 530);
+    cancel(&spool, "cancel-09", at(540)).unwrap();
+    spool
+}
+
+/// A console on the fixture at [`NOW`], read once, with a fixed spool label
+/// and colour on whatever the environment says.
+pub fn console(root: &Path) -> App {
+    let mut app = App::new(root, NOW);
+    app.spool_label = "/srv/kiln/spool".into();
+    app.color = true;
+    settle(&mut app, vec![Effect::Refresh]);
+    app
+}
