@@ -5,6 +5,7 @@
 //! every rule takes the current time as a parameter so it can be tested
 //! without sleeping.
 
+pub mod agent_config;
 pub mod claim;
 pub mod job;
 pub mod lease;

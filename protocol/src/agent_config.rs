@@ -1,0 +1,309 @@
+//! The agent's configuration: `/etc/kiln/agent.toml`, with the same keys
+//! from the kernel command line as `kiln.KEY=VALUE`, which win.
+//!
+//! ```toml
+//! id = "rack3-node7"          # default: from the first NIC's MAC, else the DMI serial
+//! poll_interval = "10s"
+//! disk = "auto"               # or /dev/nvme0n1
+//! debug = false               # on a fatal error: rescue shell instead of reboot
+//!
+//! [[servers]]
+//! address = "10.0.2.2:2222"
+//! user = "kiln"
+//! key = "/etc/kiln/agent_key"
+//! host_key = "ssh-ed25519 AAAA... host"
+//! spool = "/srv/kiln/spool"
+//! ```
+//!
+//! On the command line: `kiln.id=n7 kiln.disk=/dev/vda kiln.debug=1
+//! kiln.server.0.address=10.0.2.2:2222 kiln.server.0.host_key="ssh-ed25519 AAAA..."`.
+//! `kiln.server.N.*` changes server N, or adds it when N is the next index.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::job::JobError;
+use crate::units::Span;
+
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(default = "default_poll")]
+    pub poll_interval: Span,
+    #[serde(default = "default_disk")]
+    pub disk: String,
+    #[serde(default)]
+    pub debug: bool,
+    #[serde(default)]
+    pub servers: Vec<Server>,
+}
+
+fn default_poll() -> Span {
+    Span::from_secs(10)
+}
+fn default_disk() -> String {
+    "auto".into()
+}
+
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Server {
+    /// `host:port`.
+    pub address: String,
+    #[serde(default = "default_user")]
+    pub user: String,
+    /// Path to the agent's private key.
+    pub key: PathBuf,
+    /// The server's public host key, pinned: `ssh-ed25519 AAAA... [comment]`.
+    pub host_key: String,
+    /// The spool's path on the server (as the SFTP session sees it).
+    pub spool: String,
+}
+
+fn default_user() -> String {
+    "kiln".into()
+}
+
+// Credentials stay out of logs: Debug shows where the key is, never what.
+impl fmt::Debug for AgentConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AgentConfig")
+            .field("id", &self.id)
+            .field("poll_interval", &self.poll_interval)
+            .field("disk", &self.disk)
+            .field("debug", &self.debug)
+            .field("servers", &self.servers)
+            .finish()
+    }
+}
+
+impl fmt::Debug for Server {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Server")
+            .field("address", &self.address)
+            .field("user", &self.user)
+            .field("key", &self.key)
+            .field("spool", &self.spool)
+            .finish_non_exhaustive()
+    }
+}
+
+fn err(field: impl Into<String>, problem: impl Into<String>) -> JobError {
+    JobError {
+        file: None,
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+/// Parses and validates `agent.toml` text.
+pub fn parse_agent_config(text: &str) -> Result<AgentConfig, JobError> {
+    let de = toml::Deserializer::new(text);
+    let cfg: AgentConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+        let field = e.path().to_string();
+        err(
+            if field == "." { String::new() } else { field },
+            e.into_inner().message().to_string(),
+        )
+    })?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Reads `agent.toml`; errors name the file.
+pub fn load_agent_config(path: &Path) -> Result<AgentConfig, JobError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| err("", format!("cannot read: {e}")).in_file(path))?;
+    parse_agent_config(&text).map_err(|e| e.in_file(path))
+}
+
+/// Splits a kernel command line into words, honouring double quotes.
+pub fn cmdline_words(cmdline: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut any = false;
+    for c in cmdline.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                any = true;
+            }
+            c if c.is_whitespace() && !quoted => {
+                if any {
+                    words.push(std::mem::take(&mut cur));
+                    any = false;
+                }
+            }
+            c => {
+                cur.push(c);
+                any = true;
+            }
+        }
+    }
+    if any {
+        words.push(cur);
+    }
+    words
+}
+
+impl AgentConfig {
+    /// Applies `kiln.KEY=VALUE` words of a kernel command line; other words
+    /// are ignored. The result is validated again.
+    pub fn apply_cmdline(&mut self, cmdline: &str) -> Result<(), JobError> {
+        for word in cmdline_words(cmdline) {
+            let Some(rest) = word.strip_prefix("kiln.") else {
+                continue;
+            };
+            let (key, value) = rest.split_once('=').unwrap_or((rest, "1"));
+            let field = format!("kiln.{key}");
+            match key {
+                "id" => self.id = Some(value.to_string()),
+                "disk" => self.disk = value.to_string(),
+                "debug" => self.debug = matches!(value, "1" | "true" | "yes" | "on"),
+                "poll_interval" => {
+                    self.poll_interval =
+                        crate::units::parse_span(value).map_err(|p| err(&field, p))?;
+                }
+                k if k.starts_with("server.") => {
+                    let mut parts = k.splitn(3, '.').skip(1);
+                    let (Some(index), Some(name)) = (parts.next(), parts.next()) else {
+                        return Err(err(field, "must be kiln.server.N.FIELD=VALUE"));
+                    };
+                    let index: usize = index
+                        .parse()
+                        .map_err(|_| err(&field, format!("{index:?} is not a server number")))?;
+                    if index > self.servers.len() {
+                        return Err(err(
+                            field,
+                            format!("server {index} skips server {}", self.servers.len()),
+                        ));
+                    }
+                    if index == self.servers.len() {
+                        self.servers.push(Server {
+                            address: String::new(),
+                            user: default_user(),
+                            key: PathBuf::new(),
+                            host_key: String::new(),
+                            spool: String::new(),
+                        });
+                    }
+                    let s = &mut self.servers[index];
+                    match name {
+                        "address" => s.address = value.to_string(),
+                        "user" => s.user = value.to_string(),
+                        "key" => s.key = PathBuf::from(value),
+                        "host_key" => s.host_key = value.to_string(),
+                        "spool" => s.spool = value.to_string(),
+                        other => return Err(err(field, format!("unknown server field {other:?}"))),
+                    }
+                }
+                other => return Err(err(field, format!("unknown key {other:?}"))),
+            }
+        }
+        self.validate()
+    }
+
+    fn validate(&self) -> Result<(), JobError> {
+        if let Some(id) = &self.id {
+            crate::names::check_job_id(id).map_err(|p| err("id", format!("agent id {p}")))?;
+        }
+        if self.disk != "auto" && !self.disk.starts_with('/') {
+            return Err(err(
+                "disk",
+                format!("{:?} must be \"auto\" or an absolute path", self.disk),
+            ));
+        }
+        for (i, s) in self.servers.iter().enumerate() {
+            let f = format!("servers[{i}]");
+            let (host, port) = s.address.rsplit_once(':').unwrap_or(("", ""));
+            if host.is_empty() || port.parse::<u16>().is_err() {
+                return Err(err(
+                    format!("{f}.address"),
+                    format!("{:?} must be host:port", s.address),
+                ));
+            }
+            if s.user.is_empty() {
+                return Err(err(format!("{f}.user"), "is empty"));
+            }
+            if s.key.as_os_str().is_empty() {
+                return Err(err(format!("{f}.key"), "names no private key file"));
+            }
+            let mut words = s.host_key.split_whitespace();
+            let (kind, blob) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+            if !(kind.starts_with("ssh-") || kind.starts_with("ecdsa-")) || blob.len() < 16 {
+                return Err(err(
+                    format!("{f}.host_key"),
+                    "must be a public key line like \"ssh-ed25519 AAAA...\"",
+                ));
+            }
+            if !s.spool.starts_with('/') {
+                return Err(err(
+                    format!("{f}.spool"),
+                    format!("{:?} must be an absolute path", s.spool),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEXT: &str = r#"
+poll_interval = "5s"
+[[servers]]
+address = "10.0.2.2:2222"
+key = "/etc/kiln/agent_key"
+host_key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG host"
+spool = "/srv/kiln"
+"#;
+
+    #[test]
+    fn parses_with_defaults() {
+        let c = parse_agent_config(TEXT).unwrap();
+        assert_eq!(c.poll_interval.as_secs(), 5);
+        assert_eq!(c.disk, "auto");
+        assert_eq!(c.servers[0].user, "kiln");
+        assert!(
+            !format!("{c:?}").contains("AAAAC3"),
+            "host keys and credentials stay out of Debug"
+        );
+    }
+
+    #[test]
+    fn command_line_wins() {
+        let mut c = parse_agent_config(TEXT).unwrap();
+        c.apply_cmdline(
+            r#"console=ttyS0 kiln.id=n7 kiln.disk=/dev/vda kiln.debug kiln.server.0.address=10.0.2.2:2200 kiln.server.1.address=h:22 kiln.server.1.key=/k kiln.server.1.spool=/s kiln.server.1.host_key="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG x""#,
+        )
+        .unwrap();
+        assert_eq!(c.id.as_deref(), Some("n7"));
+        assert_eq!(c.disk, "/dev/vda");
+        assert!(c.debug);
+        assert_eq!(c.servers[0].address, "10.0.2.2:2200");
+        assert_eq!(
+            c.servers[1].host_key,
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG x"
+        );
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = parse_agent_config(&TEXT.replace("10.0.2.2:2222", "nohost")).unwrap_err();
+        assert_eq!(e.field, "servers[0].address");
+        let e = parse_agent_config(&TEXT.replace("poll_interval", "poll")).unwrap_err();
+        assert!(e.problem.contains("unknown field"), "{e}");
+        let mut c = parse_agent_config(TEXT).unwrap();
+        let e = c.apply_cmdline("kiln.server.3.address=x:1").unwrap_err();
+        assert_eq!(e.field, "kiln.server.3.address");
+        let e = c.apply_cmdline("kiln.colour=red").unwrap_err();
+        assert!(e.problem.contains("unknown key"), "{e}");
+    }
+}
