@@ -3,11 +3,21 @@
 //! and resumable, verified uploads that the master publishes.
 
 use std::io::{self, Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
 
 use kiln_e2e::sshd::{skip_without_sshd, TestSshd};
-use kiln_protocol::sftp::{ServerConfig, SessionOptions, SftpSpool};
-use kiln_protocol::spool::DIRS;
+use kiln_protocol::claim::{check_lease, claim_next, read_job_list, LeaseCheck};
+use kiln_protocol::manifest::ImageManifest;
+use kiln_protocol::master;
+use kiln_protocol::publish::reap;
+use kiln_protocol::queue::EntryState;
+use kiln_protocol::sftp::{HostKey, ServerConfig, SessionOptions, SftpSpool};
+use kiln_protocol::spool::{history_path, image_dir, incoming_dir, DIRS, LEASES, TMP_PREFIX};
+use kiln_protocol::time::Timestamp;
+use kiln_protocol::upload::{chunk_name, IMAGE_FILE, JOB_LOG, MANIFEST};
+use kiln_protocol::uploader::{upload, UploadOptions};
 use kiln_protocol::{LocalSpool, SpoolFs};
 
 fn server(sshd: &TestSshd, spool: &Path) -> ServerConfig {
@@ -117,4 +127,348 @@ fn sftp_spool_semantics() {
 
     fs.remove_dir_all("x").unwrap();
     assert!(!local.path("x").exists());
+}
+
+const T0: Timestamp = Timestamp(1_900_000_000);
+
+fn add_job(spool: &LocalSpool, id: &str, priority: u32) {
+    let text = format!(
+        "id = \"{id}\"\npriority = {priority}\ntime_limit = \"1h\"\nmax_attempts = 3\n\
+         [disk]\n[[disk.partitions]]\nlabel = \"root\"\nsize = \"rest\"\nkind = \"linux\"\nfs = \"ext4\"\nmount = \"/\"\n"
+    );
+    master::add_job(spool, &text, Path::new("job.toml"), T0).unwrap();
+}
+
+fn new_master_spool() -> (tempfile::TempDir, LocalSpool) {
+    let dir = tempfile::tempdir().unwrap();
+    let local = LocalSpool::new(dir.path());
+    master::init(&local).unwrap();
+    (dir, local)
+}
+
+/// Starts `n` threads, each with its own SSH session, released together.
+fn race<T: Send + 'static>(
+    sshd: &TestSshd,
+    spool: &Path,
+    n: usize,
+    work: impl Fn(usize, &SftpSpool) -> T + Send + Sync + 'static,
+) -> Vec<T> {
+    let barrier = Arc::new(Barrier::new(n));
+    let work = Arc::new(work);
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            let fs = connect(sshd, spool);
+            let (barrier, work) = (barrier.clone(), work.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                work(i, &fs)
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+#[test]
+fn exclusive_create_has_one_winner_across_sessions() {
+    if skip_without_sshd() {
+        return;
+    }
+    let sshd = TestSshd::start().unwrap();
+    let (dir, local) = new_spool();
+    for round in 0..5 {
+        let path = format!("leases/race-{round}");
+        let p = path.clone();
+        let wins = race(&sshd, dir.path(), 8, move |i, fs| {
+            fs.create_exclusive(&p, format!("agent-{i}\n").as_bytes())
+                .unwrap()
+        });
+        let winners: Vec<usize> = (0..8).filter(|&i| wins[i]).collect();
+        assert_eq!(winners.len(), 1, "round {round}: winners {winners:?}");
+        let content = local.read(&path).unwrap();
+        assert_eq!(content, format!("agent-{}\n", winners[0]).as_bytes());
+    }
+    // No temporary file is left behind.
+    let left: Vec<_> = std::fs::read_dir(local.path("leases"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with(TMP_PREFIX))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn claims_over_sftp_are_exclusive() {
+    if skip_without_sshd() {
+        return;
+    }
+    let sshd = TestSshd::start().unwrap();
+    let (dir, local) = new_master_spool();
+    for i in 0..40 {
+        add_job(&local, &format!("job-{i:02}"), (i % 5) as u32);
+    }
+    let claims = race(&sshd, dir.path(), 8, |i, fs| {
+        let agent = format!("agent-{i}");
+        let mut got = Vec::new();
+        while let Some(lease) = claim_next(fs, &agent, T0).unwrap() {
+            got.push(lease);
+        }
+        got
+    });
+    let mut all: Vec<String> = claims.iter().flatten().map(|l| l.job.clone()).collect();
+    all.sort();
+    let expected: Vec<String> = (0..40).map(|i| format!("job-{i:02}")).collect();
+    assert_eq!(all, expected, "every job claimed exactly once");
+    // Each lease on disk is the one its claimer holds.
+    for lease in claims.iter().flatten() {
+        assert_eq!(check_lease(&local, lease).unwrap(), LeaseCheck::Held);
+    }
+}
+
+#[test]
+fn a_host_key_other_than_the_pinned_one_is_refused() {
+    if skip_without_sshd() {
+        return;
+    }
+    let sshd = TestSshd::start().unwrap();
+    let (dir, local) = new_master_spool();
+    add_job(&local, "job-a", 1);
+    let other = tempfile::tempdir().unwrap();
+    kiln_e2e::sshd::keygen(&other.path().join("k"), "impostor").unwrap();
+    let pinned = std::fs::read_to_string(other.path().join("k.pub")).unwrap();
+    let mut cfg = server(&sshd, dir.path());
+    cfg.host_key = pinned.trim().to_string();
+
+    let err = match SftpSpool::connect(&cfg, &SessionOptions::default()) {
+        Ok(_) => panic!("connected despite a host key mismatch"),
+        Err(e) => e,
+    };
+    let msg = err.to_string();
+    let pinned_fp = HostKey::parse(&pinned).unwrap().fingerprint();
+    let server_fp = HostKey::parse(sshd.host_key_line()).unwrap().fingerprint();
+    assert!(msg.contains(&pinned_fp), "{msg}");
+    assert!(msg.contains(&server_fp), "{msg}");
+    // The fingerprints are the ones OpenSSH prints.
+    let keygen = std::process::Command::new("ssh-keygen")
+        .arg("-lf")
+        .arg(sshd.dir().join("host_key.pub"))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&keygen.stdout).contains(&server_fp));
+    // Nothing was claimed, and the client never authenticated.
+    assert!(local.list(LEASES).unwrap().is_empty());
+    assert!(
+        !sshd.log_tail().contains("Accepted publickey"),
+        "{}",
+        sshd.log_tail()
+    );
+}
+
+/// A random image of `size` bytes and the manifest that describes it.
+fn random_image(dir: &Path, job: &str, size: usize) -> (PathBuf, ImageManifest) {
+    let mut data = vec![0u8; size];
+    getrandom::getrandom(&mut data).unwrap();
+    let path = dir.join(format!("{job}.raw.zst"));
+    std::fs::write(&path, &data).unwrap();
+    let manifest = ImageManifest {
+        format: "raw.zst".into(),
+        job: job.into(),
+        job_blake3: String::new(),
+        agent: "agent-1".into(),
+        disk_size: 8 << 30,
+        block_size: 4096,
+        bytes_read: size as u64,
+        image_size: size as u64,
+        image_blake3: blake3::hash(&data).to_hex().to_string(),
+        payloads: vec![],
+        started: T0,
+        finished: T0,
+        phases: vec![],
+        ranges: vec![],
+    };
+    (path, manifest)
+}
+
+const MIB: u64 = 1 << 20;
+
+fn published_blake3(local: &LocalSpool, job: &str) -> String {
+    let path = local.path(&format!("{}/{IMAGE_FILE}", image_dir(job)));
+    let data = std::fs::read(&path).unwrap();
+    blake3::hash(&data).to_hex().to_string()
+}
+
+#[test]
+fn upload_then_publish() {
+    if skip_without_sshd() {
+        return;
+    }
+    let sshd = TestSshd::start().unwrap();
+    let (dir, local) = new_master_spool();
+    add_job(&local, "job-a", 1);
+    let work = tempfile::tempdir().unwrap();
+    let (image, manifest) = random_image(work.path(), "job-a", 20 * MIB as usize + 4321);
+    let log = work.path().join("job.log");
+    std::fs::write(&log, "capture done\n").unwrap();
+
+    let fs = connect(&sshd, dir.path());
+    let lease = claim_next(&fs, "agent-1", T0).unwrap().unwrap();
+    let opts = UploadOptions { chunk_size: MIB };
+    let r = upload(
+        &fs,
+        &lease,
+        &image,
+        &manifest,
+        Some(&log),
+        &opts,
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!((r.chunks, r.sent, r.skipped), (21, 21, 0));
+
+    let report = reap(&local, T0.plus(Duration::from_secs(60))).unwrap();
+    assert_eq!(report.published, ["job-a"], "{report:?}");
+    assert_eq!(published_blake3(&local, "job-a"), manifest.image_blake3);
+    let image_dir = local.path(&image_dir("job-a"));
+    assert_eq!(
+        std::fs::read_to_string(image_dir.join(JOB_LOG)).unwrap(),
+        "capture done\n"
+    );
+    assert!(local.exists(&history_path("job-a")).unwrap());
+    assert!(read_job_list(&local).unwrap().get("job-a").is_none());
+}
+
+#[test]
+fn a_cut_upload_resumes_without_resending_whole_chunks() {
+    if skip_without_sshd() {
+        return;
+    }
+    let mut sshd = TestSshd::start().unwrap();
+    let (dir, local) = new_master_spool();
+    add_job(&local, "job-a", 1);
+    let work = tempfile::tempdir().unwrap();
+    let (image, manifest) = random_image(work.path(), "job-a", 20 * MIB as usize + 777);
+    let opts = UploadOptions { chunk_size: MIB };
+    let lease = {
+        let fs = connect(&sshd, dir.path());
+        claim_next(&fs, "agent-1", T0).unwrap().unwrap()
+    };
+
+    // Kill sshd, with its sessions, in the middle of chunk 9.
+    let fs = connect(&sshd, dir.path());
+    let sshd_ref = std::cell::RefCell::new(&mut sshd);
+    let err = upload(&fs, &lease, &image, &manifest, None, &opts, &mut |p| {
+        if p.bytes_done > 9 * MIB + MIB / 2 && sshd_ref.borrow().is_running() {
+            sshd_ref.borrow_mut().kill();
+        }
+    })
+    .unwrap_err();
+    eprintln!("upload cut: {err}");
+    drop(fs);
+    let incoming = local.path(&incoming_dir("job-a", &lease.token));
+    let whole = local.list(&incoming_dir("job-a", &lease.token)).unwrap();
+    // Chunks 0 to 8 were whole; chunk 9 was in flight.
+    assert_eq!(whole, (0..9).map(chunk_name).collect::<Vec<_>>());
+    assert!(!incoming.join(MANIFEST).exists());
+
+    sshd.restart().unwrap();
+    let fs = connect(&sshd, dir.path());
+    let r = upload(&fs, &lease, &image, &manifest, None, &opts, &mut |_| {}).unwrap();
+    assert_eq!(
+        r.skipped,
+        whole.len(),
+        "chunks held whole are not sent again"
+    );
+    assert_eq!(r.sent, 21 - whole.len());
+
+    let report = reap(&local, T0.plus(Duration::from_secs(60))).unwrap();
+    assert_eq!(report.published, ["job-a"], "{report:?}");
+    assert_eq!(published_blake3(&local, "job-a"), manifest.image_blake3);
+}
+
+#[test]
+fn a_flipped_bit_is_refused_and_the_job_requeued() {
+    if skip_without_sshd() {
+        return;
+    }
+    let sshd = TestSshd::start().unwrap();
+    let (dir, local) = new_master_spool();
+    add_job(&local, "job-a", 1);
+    let work = tempfile::tempdir().unwrap();
+    let (image, manifest) = random_image(work.path(), "job-a", 3 * MIB as usize);
+    let fs = connect(&sshd, dir.path());
+    let lease = claim_next(&fs, "agent-1", T0).unwrap().unwrap();
+    let opts = UploadOptions { chunk_size: MIB };
+    let r = upload(&fs, &lease, &image, &manifest, None, &opts, &mut |_| {}).unwrap();
+
+    let chunk = local.path(&format!("{}/{}", r.dir, chunk_name(1)));
+    let mut data = std::fs::read(&chunk).unwrap();
+    data[12345] ^= 0x10;
+    std::fs::write(&chunk, data).unwrap();
+
+    let report = reap(&local, T0.plus(Duration::from_secs(60))).unwrap();
+    assert!(report.published.is_empty(), "{report:?}");
+    assert_eq!(report.refused.len(), 1, "{report:?}");
+    assert!(report.refused[0].2.contains("chunk 1"), "{report:?}");
+    let entry = read_job_list(&local)
+        .unwrap()
+        .get("job-a")
+        .cloned()
+        .unwrap();
+    assert_eq!(entry.state, EntryState::Queued);
+    assert_eq!(entry.attempts, 1);
+    assert!(!local.exists(&image_dir("job-a")).unwrap());
+    assert_eq!(check_lease(&fs, &lease).unwrap(), LeaseCheck::Gone);
+    // The next claim is the second attempt.
+    let again = claim_next(&fs, "agent-2", T0).unwrap().unwrap();
+    assert_eq!(again.attempt, 2);
+}
+
+#[test]
+fn a_stale_tokens_upload_is_refused() {
+    if skip_without_sshd() {
+        return;
+    }
+    let sshd = TestSshd::start().unwrap();
+    let (dir, local) = new_master_spool();
+    add_job(&local, "job-a", 1);
+    let work = tempfile::tempdir().unwrap();
+    let (image, manifest) = random_image(work.path(), "job-a", 2 * MIB as usize + 5);
+    let opts = UploadOptions { chunk_size: MIB };
+    let fs = connect(&sshd, dir.path());
+    let old = claim_next(&fs, "agent-1", T0).unwrap().unwrap();
+    upload(&fs, &old, &image, &manifest, None, &opts, &mut |_| {}).unwrap();
+    let old_dir = local.path(&incoming_dir("job-a", &old.token));
+    let saved = work.path().join("saved");
+    copy_dir(&old_dir, &saved);
+
+    // The lease runs out before the master looks: it is reaped, not published.
+    let late = T0.plus(Duration::from_secs(3601));
+    let report = reap(&local, late).unwrap();
+    assert!(report.published.is_empty(), "{report:?}");
+    assert_eq!(report.released.len(), 1, "{report:?}");
+    let new = claim_next(&fs, "agent-2", late).unwrap().unwrap();
+    assert_ne!(new.token, old.token);
+
+    // The old holder resumes: it finds its lease replaced and stops.
+    let e = upload(&fs, &old, &image, &manifest, None, &opts, &mut |_| {}).unwrap_err();
+    assert!(e.is_lease_lost(), "{e}");
+    assert!(e.to_string().contains("agent-2"), "{e}");
+
+    // Its complete upload lands anyway (written before the reap, say):
+    // the master refuses it and the new lease stands.
+    copy_dir(&saved, &old_dir);
+    let report = reap(&local, late).unwrap();
+    assert!(report.published.is_empty(), "{report:?}");
+    assert_eq!(report.refused.len(), 1, "{report:?}");
+    assert_eq!(report.refused[0].1, old.token);
+    assert!(!old_dir.exists());
+    assert_eq!(check_lease(&local, &new).unwrap(), LeaseCheck::Held);
+    assert!(!local.exists(&image_dir("job-a")).unwrap());
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
 }
