@@ -1,14 +1,256 @@
 //! kiln-agent: builds images on a machine's disk.
+//!
+//! Exit status: 0 done, 1 failed, 2 bad input (job, payloads, disk, arguments).
 
-use clap::Parser;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
 
-/// Builds OS images on this machine's disk (the build engine lands in a later change).
+use clap::{Parser, Subcommand};
+use kiln_agent::capture::{capture, CaptureOptions};
+use kiln_agent::joblog::JobLog;
+use kiln_agent::progress::Reporter;
+use kiln_agent::{build, manifest_path_for, BuildRequest, Error};
+use kiln_protocol::manifest::ImageManifest;
+use kiln_protocol::time::Timestamp;
+
 #[derive(Parser)]
-#[command(version)]
-struct Cli {}
+#[command(version, about = "Builds OS images on this machine's disk")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
 
-fn main() {
-    let _ = Cli::parse();
-    eprintln!("kiln-agent: no commands yet");
-    std::process::exit(2);
+#[derive(Subcommand)]
+enum Cmd {
+    /// Partition the disk, apply the payloads, configure, run the steps and capture the image.
+    Build {
+        /// The job file.
+        #[arg(long)]
+        job: PathBuf,
+        /// Directory holding the job's payloads.
+        #[arg(long)]
+        payloads: PathBuf,
+        /// A block device or a disk image file (created if missing, see --disk-size).
+        #[arg(long)]
+        disk: PathBuf,
+        /// Size of a disk image file to create, e.g. 4GiB.
+        #[arg(long)]
+        disk_size: Option<String>,
+        /// The image to write, IMAGE.raw.zst; the manifest goes to IMAGE.manifest.toml.
+        #[arg(long)]
+        out: PathBuf,
+        /// The job log (default: IMAGE.log beside the image).
+        #[arg(long)]
+        log: Option<PathBuf>,
+        /// Agent id recorded in the manifest (default: the host name).
+        #[arg(long)]
+        agent_id: Option<String>,
+        /// Where the target is mounted while it is built.
+        #[arg(long, default_value_os_t = std::env::temp_dir())]
+        work_dir: PathBuf,
+    },
+    /// Capture an existing disk into IMAGE.raw.zst and IMAGE.manifest.toml.
+    Capture {
+        #[arg(long)]
+        disk: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// zstd level, 1 to 22.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=22))]
+        level: i32,
+    },
+    /// Check an image (IMAGE.raw.zst, or a raw disk) against its manifest.
+    Verify {
+        image: PathBuf,
+        /// The manifest (default: IMAGE.manifest.toml beside the image).
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let abort = AtomicBool::new(false);
+    let mut reporter = Reporter::new();
+    let mut events = |e: &kiln_agent::Event| reporter.event(e);
+    let r = match cli.command {
+        Cmd::Build {
+            job,
+            payloads,
+            disk,
+            disk_size,
+            out,
+            log,
+            agent_id,
+            work_dir,
+        } => run_build(
+            &job,
+            &payloads,
+            &disk,
+            disk_size.as_deref(),
+            &out,
+            log,
+            agent_id,
+            &work_dir,
+            &mut events,
+            &abort,
+        ),
+        Cmd::Capture { disk, out, level } => run_capture(&disk, &out, level, &mut events, &abort),
+        Cmd::Verify { image, manifest } => {
+            let mpath = manifest.unwrap_or_else(|| manifest_path_for(&image));
+            kiln_agent::verify::load_manifest(&mpath)
+                .and_then(|m| kiln_agent::verify::verify(&image, &m, &mut events, &abort))
+                .map(|()| println!("{}: matches {}", image.display(), mpath.display()))
+        }
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kiln-agent: {}", e.one_line());
+            if e.is_input() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_build(
+    job_path: &Path,
+    payloads: &Path,
+    disk: &Path,
+    disk_size: Option<&str>,
+    out: &Path,
+    log: Option<PathBuf>,
+    agent_id: Option<String>,
+    work_dir: &Path,
+    events: &mut dyn FnMut(&kiln_agent::Event),
+    abort: &AtomicBool,
+) -> Result<(), Error> {
+    let job_text = std::fs::read_to_string(job_path)
+        .map_err(|e| Error::Input(format!("{}: cannot read: {e}", job_path.display())))?;
+    let job = kiln_protocol::parse_job(&job_text)
+        .map_err(|e| Error::Input(e.in_file(job_path).to_string()))?;
+    if !disk.exists() {
+        let Some(size) = disk_size else {
+            return Err(Error::Input(format!(
+                "disk {} does not exist; give --disk-size to create it",
+                disk.display()
+            )));
+        };
+        let bytes = kiln_protocol::units::parse_bytes(size)
+            .map_err(|e| Error::Input(format!("--disk-size: {e}")))?;
+        let f = std::fs::File::create(disk)
+            .map_err(|e| Error::Input(format!("creating disk image {}: {e}", disk.display())))?;
+        f.set_len(bytes)
+            .map_err(|e| Error::Input(format!("sizing disk image {}: {e}", disk.display())))?;
+    }
+    let log_path = log.unwrap_or_else(|| {
+        let m = manifest_path_for(out);
+        let name = m
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .replace(".manifest.toml", ".log");
+        m.with_file_name(name)
+    });
+    let joblog = JobLog::create(&log_path)?;
+    let agent_id = agent_id.unwrap_or_else(|| {
+        nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    });
+    let req = BuildRequest {
+        job: &job,
+        job_text: &job_text,
+        payload_dir: payloads,
+        disk,
+        out,
+        log: &joblog,
+        agent_id: &agent_id,
+        work_dir,
+    };
+    let m = build(&req, events, abort).inspect_err(|e| {
+        if !e.is_input() {
+            eprintln!("kiln-agent: the job log is {}", log_path.display());
+        }
+    })?;
+    println!(
+        "{}: {} bytes, {} data ranges, {} bytes read of a {}-byte disk",
+        out.display(),
+        m.image_size,
+        m.ranges.len(),
+        m.bytes_read,
+        m.disk_size
+    );
+    Ok(())
+}
+
+fn run_capture(
+    disk: &Path,
+    out: &Path,
+    level: i32,
+    events: &mut dyn FnMut(&kiln_agent::Event),
+    abort: &AtomicBool,
+) -> Result<(), Error> {
+    if !disk.exists() {
+        return Err(Error::Input(format!(
+            "disk {} does not exist",
+            disk.display()
+        )));
+    }
+    kiln_agent::disk::check_not_in_use(disk)?;
+    let started = Timestamp::now();
+    let t = std::time::Instant::now();
+    events(&kiln_agent::Event {
+        phase: kiln_agent::Phase::Capture,
+        kind: kiln_agent::EventKind::Started,
+    });
+    let cap = capture(
+        disk,
+        out,
+        &CaptureOptions { level, threads: 0 },
+        events,
+        abort,
+    )?;
+    let seconds = t.elapsed().as_secs_f64();
+    events(&kiln_agent::Event {
+        phase: kiln_agent::Phase::Capture,
+        kind: kiln_agent::EventKind::Finished { seconds },
+    });
+    let m = ImageManifest {
+        format: "raw.zst".into(),
+        job: String::new(),
+        job_blake3: String::new(),
+        agent: nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        disk_size: cap.disk_size,
+        block_size: cap.block_size,
+        bytes_read: cap.bytes_read,
+        image_size: cap.image_size,
+        image_blake3: cap.image_blake3,
+        payloads: vec![],
+        started,
+        finished: Timestamp::now(),
+        phases: vec![kiln_protocol::manifest::PhaseTime {
+            name: "capture".into(),
+            seconds,
+        }],
+        ranges: cap.ranges,
+    };
+    let mpath = kiln_agent::build::write_manifest(out, &m)?;
+    println!(
+        "{}: {} bytes, {} data ranges, {} bytes read of a {}-byte disk in {seconds:.2}s; manifest {}",
+        out.display(),
+        m.image_size,
+        m.ranges.len(),
+        m.bytes_read,
+        m.disk_size,
+        mpath.display()
+    );
+    Ok(())
 }

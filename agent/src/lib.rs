@@ -1,0 +1,23 @@
+//! kiln-agent's build engine: turns a blank disk into an installed,
+//! configured system and captures it as a compressed block-level image.
+//!
+//! [`build::build`] runs every phase for one job; [`capture::capture`] and
+//! [`verify::verify`] work on their own. Callers follow the work through
+//! [`progress::Event`]s and stop it with an abort flag.
+
+pub mod build;
+pub mod capture;
+pub mod command;
+pub mod configure;
+pub mod disk;
+pub mod error;
+pub mod joblog;
+pub mod payload;
+pub mod progress;
+pub mod steps;
+pub mod tree;
+pub mod verify;
+
+pub use build::{build, manifest_path_for, BuildRequest};
+pub use error::{Error, Result};
+pub use progress::{Event, EventKind, Phase};
