@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
-use kiln_e2e::sshd::{skip_without_sshd, TestSshd};
+use kiln_e2e::sshd::{skip_without_sshd, SshdOptions, TestSshd};
 use kiln_protocol::claim::{check_lease, claim_next, read_job_list, LeaseCheck};
 use kiln_protocol::manifest::ImageManifest;
 use kiln_protocol::master;
@@ -471,4 +471,79 @@ fn copy_dir(from: &Path, to: &Path) {
         let e = e.unwrap();
         std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
     }
+}
+
+/// The real text that `kiln-master agent-key` prints.
+#[path = "../../master-tui/src/agent_key.rs"]
+#[allow(dead_code)]
+mod agent_key;
+
+#[test]
+fn the_restricted_key_does_sftp_in_the_spool_and_nothing_else() {
+    if skip_without_sshd() {
+        return;
+    }
+    let sshd = TestSshd::start_with(SshdOptions {
+        key_options: agent_key::KEY_OPTIONS.to_string(),
+        extra_config: agent_key::sshd_match_block(
+            "{user}",
+            Path::new("{chroot}"),
+            agent_key::SPOOL_IN_CHROOT,
+        ),
+        chroot: true,
+    })
+    .unwrap();
+    let chroot = sshd.chroot().unwrap().to_path_buf();
+    let local = LocalSpool::new(chroot.join("spool"));
+    master::init(&local).unwrap();
+    add_job(&local, "job-a", 1);
+
+    // The spool works: a claim lands in the chroot's spool.
+    let mut cfg = server(&sshd, Path::new("/"));
+    cfg.spool = agent_key::SPOOL_IN_CHROOT.to_string();
+    let fs = SftpSpool::connect(&cfg, &SessionOptions::default())
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", sshd.log_tail()));
+    let lease = claim_next(&fs, "agent-1", T0).unwrap().unwrap();
+    assert_eq!(check_lease(&local, &lease).unwrap(), LeaseCheck::Held);
+
+    // An exec request runs nothing: the forced SFTP server answers instead.
+    let session = fs.session().session();
+    let mut ch = session.channel_session().unwrap();
+    let ran = ch.exec("echo kiln-exec-marker > /tmp/kiln-exec-ran; echo kiln-exec-marker");
+    let mut out = String::new();
+    if ran.is_ok() {
+        let _ = ch.read_to_string(&mut out);
+        let _ = ch.stderr().read_to_string(&mut out);
+        let _ = ch.wait_close();
+        assert_ne!(ch.exit_status().unwrap_or(1), 0, "exec succeeded: {out}");
+    }
+    assert!(!out.contains("kiln-exec-marker"), "the command ran: {out}");
+    assert!(out.contains("sftp connections only"), "{out}");
+    assert!(!Path::new("/tmp/kiln-exec-ran").exists());
+    // No forwarding either.
+    assert!(
+        session
+            .channel_direct_tcpip("127.0.0.1", sshd.port(), None)
+            .is_err(),
+        "a TCP forward was opened"
+    );
+
+    // Paths outside the spool's chroot are out of reach.
+    let secret = sshd.dir().join("outside-secret");
+    std::fs::write(&secret, "secret").unwrap();
+    let escape = format!("../../../../..{}", secret.display());
+    for path in [escape.as_str(), "../../../../../etc/passwd"] {
+        assert!(
+            fs.read(path).is_err(),
+            "read {path} through the restricted key"
+        );
+    }
+    let outside = std::env::temp_dir().join(format!("kiln-escape-{}", std::process::id()));
+    let target = format!("../../../../..{}", outside.display());
+    let _ = fs.write_atomic(&target, b"escaped");
+    assert!(
+        !outside.exists(),
+        "wrote {} outside the chroot",
+        outside.display()
+    );
 }
