@@ -1,0 +1,152 @@
+//! Helpers for the agent's tests: root and loop-device checks, running the
+//! agent and system tools, loop devices on image files, payload tarballs.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub const AGENT: &str = env!("CARGO_BIN_EXE_kiln-agent");
+
+/// True when the test can run; otherwise prints a loud SKIP line.
+pub fn can_run(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP: {test}: needs root (loop devices, mounts)");
+        return false;
+    }
+    if !Path::new("/dev/loop-control").exists() {
+        eprintln!("SKIP: {test}: no /dev/loop-control");
+        return false;
+    }
+    for tool in [
+        "mke2fs",
+        "mkfs.vfat",
+        "mkswap",
+        "sfdisk",
+        "e2fsck",
+        "fsck.vfat",
+        "blkid",
+        "zstd",
+        "losetup",
+    ] {
+        if !["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+            .iter()
+            .any(|d| Path::new(d).join(tool).exists())
+        {
+            eprintln!("SKIP: {test}: {tool} is not installed");
+            return false;
+        }
+    }
+    true
+}
+
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    out
+}
+
+/// Runs a command that must succeed; returns its stdout.
+pub fn ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A loop device on part of a file, detached on drop.
+pub struct Loop(pub String);
+
+impl Loop {
+    pub fn new(file: &Path, offset: u64, size: Option<u64>) -> Loop {
+        let mut c = Command::new("losetup");
+        c.args(["-f", "--show", "-o", &offset.to_string()]);
+        if let Some(s) = size {
+            c.args(["--sizelimit", &s.to_string()]);
+        }
+        Loop(ok(c.arg(file)).trim().to_string())
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+/// A mount, unmounted on drop.
+pub struct Mounted(pub PathBuf);
+
+impl Mounted {
+    pub fn new(dev: &str, at: &Path, opts: &str) -> Mounted {
+        std::fs::create_dir_all(at).unwrap();
+        ok(Command::new("mount").args(["-o", opts, dev]).arg(at));
+        Mounted(at.to_path_buf())
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Partition table of a disk image, as sfdisk sees it.
+pub fn sfdisk_json(disk: &Path) -> Option<serde_json::Value> {
+    let out = run(Command::new("sfdisk").arg("--json").arg(disk));
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// True when the disk has no partition table left: the first 34 and last
+/// 33 sectors are zero and sfdisk finds nothing.
+pub fn table_wiped(disk: &Path) -> bool {
+    let data = std::fs::read(disk).unwrap();
+    let head = data[..34 * 512].iter().all(|&b| b == 0);
+    let tail = data[data.len() - 33 * 512..].iter().all(|&b| b == 0);
+    head && tail && sfdisk_json(disk).is_none()
+}
+
+/// Runs `kiln-agent build` with a job text in `dir`.
+pub fn build(dir: &Path, job: &str, disk_size: &str) -> Output {
+    std::fs::write(dir.join("job.toml"), job).unwrap();
+    let disk = dir.join("disk.img");
+    let _ = std::fs::remove_file(&disk);
+    run(Command::new(AGENT)
+        .arg("build")
+        .arg("--job")
+        .arg(dir.join("job.toml"))
+        .arg("--payloads")
+        .arg(dir.join("payloads"))
+        .arg("--disk")
+        .arg(&disk)
+        .args(["--disk-size", disk_size])
+        .arg("--out")
+        .arg(dir.join("image.raw.zst"))
+        .arg("--work-dir")
+        .arg(dir))
+}
+
+pub fn blake3_hex(data: &[u8]) -> String {
+    blake3::hash(data).to_hex().to_string()
+}
+
+/// A tar header for a plain entry.
+pub fn header(kind: tar::EntryType, mode: u32, uid: u64, gid: u64, size: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_uid(uid);
+    h.set_gid(gid);
+    h.set_size(size);
+    h.set_mtime(1_700_000_000);
+    h
+}
