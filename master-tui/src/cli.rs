@@ -73,6 +73,13 @@ pub enum Command {
     },
     /// The operator's terminal UI over the spool.
     Tui,
+    /// Make the ed25519 key pair agents log in with, and print the
+    /// authorized_keys line and sshd_config block that confine it to SFTP in the spool.
+    AgentKey {
+        /// Directory for the key pair (default: the current directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -275,6 +282,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let spool = open_spool(&cli.spool)?;
             serve(&spool, interval.0)?;
         }
+        Command::AgentKey { out } => crate::agent_key::run(out.as_deref())?,
         Command::Tui => {
             let spool = open_spool(&cli.spool)?;
             crate::tui::run(spool.root())?;

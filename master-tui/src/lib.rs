@@ -1,4 +1,5 @@
 //! kiln-master: the headless subcommands and the operator's TUI over a spool.
 
+pub mod agent_key;
 pub mod cli;
 pub mod tui;
