@@ -87,4 +87,8 @@ impl Published {
     pub fn parse(text: &str) -> Result<Self, toml::de::Error> {
         toml::from_str(text)
     }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a publish record always serializes")
+    }
 }

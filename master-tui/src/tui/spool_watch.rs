@@ -80,37 +80,67 @@ impl SpoolReader {
     }
 }
 
+/// What the reader has been asked for and not done yet.
+#[derive(Default)]
+struct Pending {
+    refresh: bool,
+    detail: Option<String>,
+}
+
+impl Pending {
+    fn take(&mut self, e: Effect) {
+        match e {
+            Effect::Refresh => self.refresh = true,
+            Effect::LoadDetail(id) => self.detail = Some(id),
+        }
+    }
+}
+
 fn read_loop(spool: &LocalSpool, rx: &Receiver<Effect>, out: &Sender<Msg>, poll: Duration) {
+    // A big spool takes a while to read; spacing reads by as long as the
+    // last one took keeps this thread under half a core while agents write.
+    let mut next_read = Instant::now();
     loop {
-        let mut refresh = false;
-        let mut detail = None;
-        let mut take = |e: Effect| match e {
-            Effect::Refresh => refresh = true,
-            Effect::LoadDetail(id) => detail = Some(id),
-        };
+        let mut p = Pending::default();
         match rx.recv_timeout(poll) {
-            Ok(e) => take(e),
-            Err(RecvTimeoutError::Timeout) => take(Effect::Refresh),
+            Ok(e) => p.take(e),
+            Err(RecvTimeoutError::Timeout) => p.take(Effect::Refresh),
             Err(RecvTimeoutError::Disconnected) => return,
         }
         // Let a burst of changes (a publish, an agent's upload) settle so it
         // costs one read, not one per file.
-        let start = Instant::now();
-        while start.elapsed() < SETTLE_MAX {
-            match rx.recv_timeout(SETTLE) {
-                Ok(e) => take(e),
-                Err(_) => break,
+        let settle_by = Instant::now() + SETTLE_MAX;
+        loop {
+            let now = Instant::now();
+            let end = if p.refresh {
+                settle_by.max(next_read)
+            } else {
+                settle_by
+            };
+            if now >= end {
+                break;
+            }
+            match rx.recv_timeout(SETTLE.min(end - now)) {
+                Ok(e) => p.take(e),
+                Err(RecvTimeoutError::Timeout) if !p.refresh || Instant::now() >= next_read => {
+                    break
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
             }
         }
-        let mut effects = Vec::new();
-        if refresh {
-            effects.push(Effect::Refresh);
+        if let Some(id) = p.detail {
+            let msg = perform(spool, &Effect::LoadDetail(id), Timestamp::now());
+            if out.send(msg).is_err() {
+                return;
+            }
         }
-        effects.extend(detail.map(Effect::LoadDetail));
-        for e in effects {
+        if p.refresh {
             let t = Instant::now();
-            let msg = perform(spool, &e, Timestamp::now());
-            tracing::debug!("{e:?} took {:?}", t.elapsed());
+            let msg = perform(spool, &Effect::Refresh, Timestamp::now());
+            let took = t.elapsed();
+            tracing::debug!("reading the spool took {took:?}");
+            next_read = Instant::now() + took;
             if out.send(msg).is_err() {
                 return;
             }
@@ -166,14 +196,19 @@ impl Reaper {
             .spawn(move || {
                 let _log = tracing::dispatcher::set_default(&dispatch);
                 loop {
+                    let t = Instant::now();
                     let result = match spool.lock() {
                         Ok(_lock) => reap(&spool, Timestamp::now()).map_err(|e| e.to_string()),
                         Err(e) => Err(format!("taking the master lock: {e}")),
                     };
+                    let took = t.elapsed();
+                    tracing::debug!("reaper pass took {took:?}");
                     if out.send(Msg::Reaped(result)).is_err() {
                         return;
                     }
-                    match stopped.recv_timeout(every) {
+                    // On a big spool a pass is slow; never spend more than a
+                    // third of the time in it.
+                    match stopped.recv_timeout(every.max(took * 2)) {
                         Err(RecvTimeoutError::Timeout) => {}
                         _ => return,
                     }
