@@ -240,3 +240,83 @@ impl Reaper {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_protocol::claim::claim_next;
+    use kiln_protocol::master::{add_job, init};
+    use kiln_protocol::queue::EntryState;
+
+    const JOB: &str = "id = \"seen\"\ntime_limit = \"1s\"\n[disk]\n[[disk.partitions]]\nlabel = \"root\"\nsize = \"rest\"\nkind = \"linux\"\nfs = \"ext4\"\nmount = \"/\"\n";
+
+    /// Waits for the first message `pick` accepts, up to `secs`.
+    fn wait_for<T>(rx: &Receiver<Msg>, secs: u64, mut pick: impl FnMut(Msg) -> Option<T>) -> T {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            if let Ok(msg) = rx.recv_timeout(left) {
+                if let Some(t) = pick(msg) {
+                    return t;
+                }
+            }
+        }
+        panic!("no such message within {secs} s");
+    }
+
+    #[test]
+    fn ignores_the_lock_and_temporary_files() {
+        assert!(matters(Path::new("/s/jobs.toml")));
+        assert!(matters(Path::new("/s/leases/a")));
+        assert!(!matters(Path::new("/s/.master.lock")));
+        assert!(!matters(Path::new("/s/.tmp.jobs.toml.12.ab")));
+    }
+
+    #[test]
+    fn reader_sees_a_change_by_notification() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = LocalSpool::new(dir.path());
+        init(&spool).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let reader = SpoolReader::spawn(spool.clone(), tx, tracing::Dispatch::none());
+        assert!(reader._watcher.is_some(), "inotify is available here");
+        reader.request(Effect::Refresh);
+        wait_for(&rx, 5, |m| matches!(m, Msg::Spool(_)).then_some(()));
+
+        let t = Instant::now();
+        add_job(&spool, JOB, Path::new("seen.toml"), Timestamp::now()).unwrap();
+        let state = wait_for(&rx, 5, |m| match m {
+            Msg::Spool(s) if !s.jobs.is_empty() => Some(s),
+            _ => None,
+        });
+        assert_eq!(state.jobs[0].id, "seen");
+        // Polling alone would take 5 s with the watcher on.
+        assert!(t.elapsed() < POLL_WITH_NOTIFY, "{:?}", t.elapsed());
+    }
+
+    #[test]
+    fn reaper_reclaims_an_expired_lease_in_the_background() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = LocalSpool::new(dir.path());
+        init(&spool).unwrap();
+        add_job(&spool, JOB, Path::new("seen.toml"), Timestamp(1)).unwrap();
+        // Claimed long ago with a 1 s limit: expired by now.
+        claim_next(&spool, "agent-x", Timestamp(100))
+            .unwrap()
+            .unwrap();
+        let (tx, rx) = mpsc::channel();
+        let reaper = Reaper::spawn(
+            spool.clone(),
+            tx,
+            tracing::Dispatch::none(),
+            Duration::from_secs(60),
+        );
+        let report = wait_for(&rx, 10, |m| match m {
+            Msg::Reaped(r) => Some(r.unwrap()),
+            _ => None,
+        });
+        assert_eq!(report.released.len(), 1, "{report:?}");
+        assert_eq!(report.released[0].1, EntryState::Queued);
+        assert!(!spool.path("leases/seen").exists());
+        reaper.stop(Duration::from_secs(5));
+    }
+}
