@@ -16,8 +16,8 @@ struct Tmux {
 }
 
 impl Tmux {
-    fn start(cwd: &Path, log: &Path) -> Tmux {
-        let socket = format!("kiln-tui-test-{}", std::process::id());
+    fn start(name: &str, cwd: &Path, log: &Path) -> Tmux {
+        let socket = format!("kiln-tui-{name}-{}", std::process::id());
         let tmux = Tmux { socket };
         let out = tmux.run(&[
             "-f",
@@ -148,7 +148,7 @@ fn console_in_tmux_sees_the_cli_changes_the_spool_and_restores_the_terminal() {
     )
     .unwrap();
 
-    let tmux = Tmux::start(dir.path(), &log);
+    let tmux = Tmux::start("cli", dir.path(), &log);
     tmux.wait("the shell prompt", 10, &log, |t| {
         t.screen().contains(PROMPT.trim_end())
     });
@@ -199,4 +199,44 @@ fn console_in_tmux_sees_the_cli_changes_the_spool_and_restores_the_terminal() {
         log_text.contains("alpha: priority 500 -> 510"),
         "the log file has the action:\n{log_text}"
     );
+}
+
+/// A signal from outside (here SIGTERM) takes the same orderly way out as `q`.
+#[test]
+fn console_restores_the_terminal_on_sigterm() {
+    if Command::new("tmux").arg("-V").output().is_err() {
+        eprintln!(
+            "SKIP: tmux is not installed; the real-terminal test of `kiln-master tui` did not run"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let spool: PathBuf = dir.path().join("spool");
+    let log = dir.path().join("console.log");
+    cli(&spool, &["init"]);
+    let tmux = Tmux::start("signal", dir.path(), &log);
+    tmux.wait("the shell prompt", 10, &log, |t| {
+        t.screen().contains(PROMPT.trim_end())
+    });
+    tmux.type_line(&format!(
+        "stty -g > before; sh -c 'echo $$ > pid; exec {BIN} --spool {} tui'; echo \"tui exited with $?\"; stty -g > after",
+        spool.display()
+    ));
+    tmux.wait("the console", 20, &log, |t| {
+        t.alternate_screen() && t.screen().contains("no jobs yet")
+    });
+    let pid = std::fs::read_to_string(dir.path().join("pid")).unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", pid.trim()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    tmux.wait("the console to exit", 10, &log, |t| {
+        !t.alternate_screen() && t.screen().contains("tui exited with 0")
+    });
+    let before = std::fs::read_to_string(dir.path().join("before")).unwrap();
+    let after = std::fs::read_to_string(dir.path().join("after")).unwrap();
+    assert_eq!(before, after, "the terminal settings are as before");
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert!(log_text.contains("stopping on a signal"), "{log_text}");
 }

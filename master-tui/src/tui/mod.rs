@@ -55,6 +55,14 @@ pub fn run(spool: &Path) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::channel::<Msg>();
     let reader = spool_watch::SpoolReader::spawn(local.clone(), tx.clone(), dispatch.clone());
     let reaper = spool_watch::Reaper::spawn(local, tx.clone(), dispatch.clone(), REAP_EVERY);
+    // In raw mode Ctrl-C arrives as a key; a signal from elsewhere (kill,
+    // a closed terminal) still goes through the same orderly exit.
+    let signal_tx = tx.clone();
+    if let Err(e) = ctrlc::set_handler(move || {
+        let _ = signal_tx.send(Msg::Terminate);
+    }) {
+        tracing::warn!("cannot catch SIGINT, SIGTERM and SIGHUP: {e}");
+    }
     let mut guard = terminal::TerminalGuard::enter()?;
     spawn_input(tx, dispatch);
 

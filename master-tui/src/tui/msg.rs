@@ -13,6 +13,8 @@ pub enum Msg {
     Key(KeyEvent),
     /// Text pasted into the terminal (a job file's path, a filter).
     Paste(String),
+    /// SIGINT, SIGTERM or SIGHUP: stop, restoring the terminal.
+    Terminate,
     /// The terminal changed size; the next draw adapts.
     Resize,
     /// The clock moved on.

@@ -30,6 +30,11 @@ pub fn update(app: &mut App, msg: Msg) -> Vec<Effect> {
             vec![]
         }
         Msg::Resize => vec![],
+        Msg::Terminate => {
+            tracing::info!("stopping on a signal");
+            app.quit = true;
+            vec![]
+        }
         Msg::Spool(state) => {
             app.state = *state;
             app.loaded = true;
