@@ -120,7 +120,8 @@ struct Drive {
 #[derive(Debug, Clone)]
 pub struct Qemu {
     name: String,
-    accel: Accel,
+    /// None: from `KILN_QEMU_ACCEL` when the command line is made.
+    accel: Option<Accel>,
     memory_mib: u32,
     cpus: u32,
     boot: Boot,
@@ -133,11 +134,11 @@ pub struct Qemu {
 
 impl Qemu {
     /// A VM named `name` (used in logs): accelerator from `KILN_QEMU_ACCEL`
-    /// (TCG when unset or invalid), 1024 MiB, 1 CPU, booting from disk.
+    /// (TCG when unset), 1024 MiB, 1 CPU, booting from disk.
     pub fn new(name: &str) -> Self {
         Self {
             name: name.to_owned(),
-            accel: Accel::from_env().unwrap_or(Accel::Tcg),
+            accel: None,
             memory_mib: 1024,
             cpus: 1,
             boot: Boot::Disk,
@@ -149,7 +150,7 @@ impl Qemu {
     }
 
     pub fn accel(mut self, accel: Accel) -> Self {
-        self.accel = accel;
+        self.accel = Some(accel);
         self
     }
 
@@ -220,12 +221,16 @@ impl Qemu {
     /// The arguments after the program name; `serial_log` is where the
     /// serial console goes.
     pub fn args(&self, serial_log: &Path) -> Result<Vec<OsString>> {
+        let accel = match self.accel {
+            Some(a) => a,
+            None => Accel::from_env()?,
+        };
         let mut a: Vec<OsString> = Vec::new();
         let mut push = |s: &str| a.push(s.into());
         push("-name");
         push(&self.name);
         push("-accel");
-        push(self.accel.name());
+        push(accel.name());
         push("-m");
         push(&self.memory_mib.to_string());
         push("-smp");
@@ -366,6 +371,11 @@ const DUMP_TAIL: usize = 64 * 1024;
 impl Vm {
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// QEMU's process id.
+    pub fn pid(&self) -> u32 {
+        lock(&self.group).pid(self.id)
     }
 
     /// The serial log file.

@@ -165,3 +165,26 @@ fn pxe_boot_through_ipxe_and_tftp() {
     vm.wait_exit(Duration::from_secs(30))
         .expect("the guest powers off after the marker");
 }
+
+#[test]
+fn a_dropped_vm_leaves_no_qemu_behind() {
+    if skip_without_qemu() {
+        return;
+    }
+    // No disk and no kernel: the firmware finds nothing to boot and waits.
+    let vm = Qemu::new("idle").memory_mib(128).spawn().unwrap();
+    let pid = vm.pid();
+    let running = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+    };
+    assert!(running(pid), "qemu did not start: {}", vm.qemu_output());
+    assert!(vm.exit_status().unwrap().is_none());
+    drop(vm);
+    assert!(!running(pid), "qemu {pid} survived its guard");
+}
