@@ -12,7 +12,7 @@
 //! | `/lib/modules/<ver>/modules.{dep,alias,softdep,builtin}` | depmod formats |
 //! | `/sbin/{mke2fs,mkfs.vfat,mkswap}` | tools; libraries at the paths the loader opens |
 //! | `/bin/busybox`, `/bin/<applet>` | busybox and its applet links; `/sbin/modprobe` too |
-//! | `/usr/share/udhcpc/default.script` | configures address, route and DNS from a lease |
+//! | `/etc/udhcpc/default.script` | configures address, route and DNS from a lease (also linked from `/usr/share/udhcpc/`) |
 //! | `/dev/console`, `/dev/null` | nodes the kernel and early init need |
 //! | `/proc /sys /dev /run /tmp /mnt /root` | empty mount points |
 
@@ -131,6 +131,9 @@ pub const BUSYBOX_APPLETS: &[&str] = &[
     "xxd",
     "zcat",
 ];
+
+/// Where the udhcpc event script lives (`udhcpc -s` takes it explicitly).
+pub const UDHCPC_SCRIPT_PATH: &str = "etc/udhcpc/default.script";
 
 /// The udhcpc event script: sets the address, default route and resolvers
 /// from a lease with busybox `ip`.
@@ -375,10 +378,11 @@ pub fn build(spec: &Spec) -> Result<(Archive, Report), PackError> {
     if !a.contains("sbin/modprobe") {
         a.symlink("sbin/modprobe", "../bin/busybox")?;
     }
-    a.file(
+    // Debian's busybox looks for the script in /etc, upstream's in /usr/share.
+    a.file(UDHCPC_SCRIPT_PATH, UDHCPC_SCRIPT.as_bytes().to_vec(), 0o755)?;
+    a.symlink(
         "usr/share/udhcpc/default.script",
-        UDHCPC_SCRIPT.as_bytes().to_vec(),
-        0o755,
+        &format!("/{UDHCPC_SCRIPT_PATH}"),
     )?;
 
     let mut extra_bytes = 0u64;

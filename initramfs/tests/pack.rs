@@ -130,6 +130,7 @@ fn same_inputs_give_the_same_bytes_and_the_image_holds_the_minimal_os() {
         "sbin/mkfs.vfat",
         "sbin/mkswap",
         "lib64/ld-linux-x86-64.so.2",
+        "etc/udhcpc/default.script",
         "usr/share/udhcpc/default.script",
         &format!("{mods}/modules.dep"),
         &format!("{mods}/modules.alias"),

@@ -1,8 +1,9 @@
 //! Boots Debian's kernel with an initramfs made by kiln-initramfs, directly
 //! and over PXE (iPXE and QEMU's TFTP). The initramfs's /init is a busybox
 //! script standing in for the agent: it loads modules with busybox insmod in
-//! the order the packed modules.dep gives, checks the virtio disks, makes and
-//! mounts ext4 and vfat with the packed mke2fs and mkfs.vfat, and powers off.
+//! the order the packed modules.dep gives, checks the virtio disks, takes a
+//! DHCP lease with udhcpc and the packed script, makes and mounts ext4 and
+//! vfat with the packed mke2fs and mkfs.vfat, and powers off.
 
 use std::path::Path;
 use std::time::Duration;
@@ -51,6 +52,10 @@ for d in vda vdb; do
 	say "disk $d $(cat /sys/block/$d/size) sectors"
 done
 ls /sys/class/net | grep -q eth0 && say "nic eth0 present"
+# udhcpc with the packed default.script; the link must be up first.
+ip link set eth0 up
+udhcpc -i eth0 -n -q -t 5 -T 2 2>&1 || fail "udhcpc on eth0"
+say "lease $(ip -4 -o addr show dev eth0 | awk '{print $4}') $(ip -4 route show default)"
 # ext4 declares a soft dependency on crc32c (modules.softdep); load it first.
 grep -q "^softdep ext4 pre: crypto-crc32c" $M/modules.softdep && load crc32c_generic
 load ext4
@@ -103,6 +108,8 @@ fn check_console(serial: &str) {
         "KILN-BOOT: disk vda 131072 sectors",
         "KILN-BOOT: disk vdb 98304 sectors",
         "KILN-BOOT: nic eth0 present",
+        // QEMU's user network hands out 10.0.2.15 with the host at 10.0.2.2.
+        "KILN-BOOT: lease 10.0.2.15/24 default via 10.0.2.2 dev eth0",
         "KILN-BOOT: ext4 says ext4-works",
         "KILN-BOOT: vfat says vfat-works",
     ] {
