@@ -75,6 +75,22 @@ pub enum Command {
     Tui,
     /// Make the ed25519 key pair agents log in with, and print the
     /// authorized_keys line and sshd_config block that confine it to SFTP in the spool.
+    /// Write boot.ipxe, the kernel and the initramfs into a directory that
+    /// TFTP or HTTP serves to PXE-booting machines.
+    Pxe {
+        /// The directory to write (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// The kernel (vmlinuz).
+        #[arg(long)]
+        kernel: PathBuf,
+        /// The initramfs made by kiln-initramfs.
+        #[arg(long)]
+        initramfs: PathBuf,
+        /// Kernel command line; add kiln.KEY=VALUE to override the agent's config.
+        #[arg(long, default_value = kiln_initramfs::pxe::DEFAULT_CMDLINE)]
+        cmdline: String,
+    },
     AgentKey {
         /// Directory for the key pair (default: the current directory).
         #[arg(long)]
@@ -281,6 +297,34 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Serve { interval } => {
             let spool = open_spool(&cli.spool)?;
             serve(&spool, interval.0)?;
+        }
+        Command::Pxe {
+            out,
+            kernel,
+            initramfs,
+            cmdline,
+        } => {
+            for (what, path) in [("--kernel", &kernel), ("--initramfs", &initramfs)] {
+                if !path.is_file() {
+                    return Err(bad_input(anyhow::anyhow!(
+                        "{what} {}: no such file",
+                        path.display()
+                    )));
+                }
+            }
+            let script = kiln_initramfs::pxe::write_dir(&out, &kernel, &initramfs, &cmdline)
+                .map_err(anyhow::Error::from)?;
+            println!(
+                "wrote {}, {} and {}",
+                script.display(),
+                out.join(kiln_initramfs::pxe::KERNEL).display(),
+                out.join(kiln_initramfs::pxe::INITRAMFS).display()
+            );
+            println!(
+                "serve {} over TFTP or HTTP and point DHCP's boot file at {}",
+                out.display(),
+                kiln_initramfs::pxe::BOOT_SCRIPT
+            );
         }
         Command::AgentKey { out } => crate::agent_key::run(out.as_deref())?,
         Command::Tui => {

@@ -284,3 +284,53 @@ fn serve_stops_cleanly_on_ctrl_c() {
     assert!(out.status.success(), "serve exited with {:?}", out.status);
     assert!(String::from_utf8_lossy(&out.stderr).contains("stopped"));
 }
+
+#[test]
+fn pxe_writes_a_boot_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kernel, initramfs, out) = (
+        dir.path().join("vmlinuz-x"),
+        dir.path().join("i.img"),
+        dir.path().join("tftp"),
+    );
+    std::fs::write(&kernel, b"kernel bytes").unwrap();
+    fails(
+        dir.path(),
+        &[
+            "pxe",
+            "--out",
+            out.to_str().unwrap(),
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initramfs",
+            initramfs.to_str().unwrap(),
+        ],
+        2,
+        "--initramfs",
+    );
+    std::fs::write(&initramfs, b"initramfs bytes").unwrap();
+    ok(
+        dir.path(),
+        &[
+            "pxe",
+            "--out",
+            out.to_str().unwrap(),
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initramfs",
+            initramfs.to_str().unwrap(),
+            "--cmdline",
+            "console=ttyS0 kiln.debug=1",
+        ],
+    );
+    assert_eq!(std::fs::read(out.join("vmlinuz")).unwrap(), b"kernel bytes");
+    assert_eq!(
+        std::fs::read(out.join("initramfs.img")).unwrap(),
+        b"initramfs bytes"
+    );
+    let script = std::fs::read_to_string(out.join("boot.ipxe")).unwrap();
+    assert_eq!(
+        script,
+        "#!ipxe\nkernel vmlinuz console=ttyS0 kiln.debug=1\ninitrd initramfs.img\nboot\n"
+    );
+}
