@@ -366,3 +366,28 @@ pub fn capture(
         notes: dmap.notes,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rle_zero_frames_decode_to_zeros_between_data_frames() {
+        let mut file = zstd::encode_all(&b"head"[..], 3).unwrap();
+        file.extend(rle_zero_frame((3 << 20) + 5));
+        file.extend(zstd::encode_all(&b"tail"[..], 3).unwrap());
+        let raw = zstd::decode_all(&file[..]).unwrap();
+        assert_eq!(raw.len(), 4 + (3 << 20) + 5 + 4);
+        assert_eq!(&raw[..4], b"head");
+        assert!(raw[4..raw.len() - 4].iter().all(|&b| b == 0));
+        assert_eq!(&raw[raw.len() - 4..], b"tail");
+    }
+
+    #[test]
+    fn zero_detection_sees_a_single_bit() {
+        let mut b = vec![0u8; 4096 + 3];
+        assert!(is_zero(&b));
+        b[4097] = 0x80;
+        assert!(!is_zero(&b));
+    }
+}
