@@ -60,6 +60,27 @@ enum Cmd {
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=22))]
         level: i32,
     },
+    /// Ask each job server in turn for work, claim, build, upload; repeat.
+    Run {
+        /// The agent config (kiln.KEY=VALUE words from --cmdline win).
+        #[arg(long, default_value = "/etc/kiln/agent.toml")]
+        config: PathBuf,
+        /// Do one job and exit: 0 if one was built, 3 if none was available.
+        #[arg(long)]
+        once: bool,
+        /// The disk to build on (overrides the config's disk).
+        #[arg(long)]
+        disk: Option<PathBuf>,
+        /// Scratch space: payload cache, images, job logs.
+        #[arg(long, default_value = "/var/tmp/kiln")]
+        work_dir: PathBuf,
+        /// A kernel command line whose kiln.KEY=VALUE words override the config.
+        #[arg(long)]
+        cmdline: Option<String>,
+        /// Upload chunk size.
+        #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+        chunk_size: u64,
+    },
     /// Check an image (IMAGE.raw.zst, or a raw disk) against its manifest.
     Verify {
         image: PathBuf,
@@ -69,8 +90,33 @@ enum Cmd {
     },
 }
 
+fn parse_size(s: &str) -> Result<u64, String> {
+    kiln_protocol::units::parse_bytes(s)
+}
+
 fn main() -> ExitCode {
+    if std::process::id() == 1 {
+        kiln_agent::pid1::main()
+    }
     let cli = Cli::parse();
+    if let Cmd::Run {
+        config,
+        once,
+        disk,
+        work_dir,
+        cmdline,
+        chunk_size,
+    } = &cli.command
+    {
+        return agent_run(
+            config,
+            *once,
+            disk.as_deref(),
+            work_dir,
+            cmdline.as_deref(),
+            *chunk_size,
+        );
+    }
     let abort = AtomicBool::new(false);
     let mut reporter = Reporter::new();
     let mut events = |e: &kiln_agent::Event| reporter.event(e);
@@ -96,6 +142,7 @@ fn main() -> ExitCode {
             &mut events,
             &abort,
         ),
+        Cmd::Run { .. } => unreachable!("handled above"),
         Cmd::Capture { disk, out, level } => run_capture(&disk, &out, level, &mut events, &abort),
         Cmd::Verify { image, manifest } => {
             let mpath = manifest.unwrap_or_else(|| manifest_path_for(&image));
@@ -253,4 +300,71 @@ fn run_capture(
         mpath.display()
     );
     Ok(())
+}
+
+/// `kiln-agent run`: exit 0 when done (or one job built with --once), 3 when
+/// --once found no job, 1 when a job or the agent failed, 2 for a bad config.
+fn agent_run(
+    config: &Path,
+    once: bool,
+    disk: Option<&Path>,
+    work_dir: &Path,
+    cmdline: Option<&str>,
+    chunk_size: u64,
+) -> ExitCode {
+    use kiln_agent::run::{default_agent_id, run, Outcome, RunOptions};
+    let mut cfg = match kiln_protocol::agent_config::load_agent_config(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("kiln-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(line) = cmdline {
+        if let Err(e) = cfg.apply_cmdline(line) {
+            eprintln!("kiln-agent: kernel command line: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    let disk = match disk {
+        Some(d) => d.to_path_buf(),
+        None if cfg.disk != "auto" => PathBuf::from(&cfg.disk),
+        None => {
+            eprintln!("kiln-agent: disk = \"auto\" is chosen at boot by PID 1; give --disk or a disk in {}", config.display());
+            return ExitCode::from(2);
+        }
+    };
+    let agent_id = cfg.id.clone().unwrap_or_else(default_agent_id);
+    let opts = RunOptions {
+        config: cfg,
+        agent_id,
+        disk,
+        work_dir: work_dir.to_path_buf(),
+        once,
+        upload: kiln_protocol::uploader::UploadOptions { chunk_size },
+        session: Default::default(),
+    };
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let _ = ctrlc::set_handler(move || flag.store(true, std::sync::atomic::Ordering::SeqCst));
+    eprintln!(
+        "kiln-agent: {} polling {} server(s)",
+        opts.agent_id,
+        opts.config.servers.len()
+    );
+    match run(&opts, &stop, &mut |line| eprintln!("kiln-agent: {line}")) {
+        Ok(Outcome::Built { job }) => {
+            eprintln!("kiln-agent: built {job}");
+            ExitCode::SUCCESS
+        }
+        Ok(Outcome::NothingToDo) if once => {
+            eprintln!("kiln-agent: no job available");
+            ExitCode::from(3)
+        }
+        Ok(Outcome::NothingToDo) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kiln-agent: {e:#}");
+            ExitCode::from(1)
+        }
+    }
 }

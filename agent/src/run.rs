@@ -8,7 +8,7 @@
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -119,13 +119,21 @@ pub fn server_config(s: &Server) -> ServerConfig {
 }
 
 fn connect(opts: &RunOptions, server: &Server) -> Result<SftpSpool> {
-    SftpSpool::connect(&server_config(server), &opts.session).with_context(|| format!("connecting to {}", server.address))
+    SftpSpool::connect(&server_config(server), &opts.session)
+        .with_context(|| format!("connecting to {}", server.address))
 }
 
 /// Claims and builds this server's highest-priority available job, if any.
-fn try_server(opts: &RunOptions, server: &Server, stop: &AtomicBool, say: &mut dyn FnMut(&str)) -> Result<Option<String>> {
+fn try_server(
+    opts: &RunOptions,
+    server: &Server,
+    stop: &AtomicBool,
+    say: &mut dyn FnMut(&str),
+) -> Result<Option<String>> {
     let spool = connect(opts, server)?;
-    let Some(lease) = claim_next(&spool, &opts.agent_id, Timestamp::now()).context("claiming a job")? else {
+    let Some(lease) =
+        claim_next(&spool, &opts.agent_id, Timestamp::now()).context("claiming a job")?
+    else {
         return Ok(None);
     };
     say(&format!(
@@ -183,11 +191,19 @@ fn heartbeats(opts: &RunOptions, server: &Server, lease: &Lease, shared: &Shared
             spool = connect(opts, server).ok();
         }
         let Some(fs) = &spool else { continue };
-        let status = shared.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let status = shared
+            .status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         match heartbeat(fs, lease, &status) {
             Ok(LeaseCheck::Held) => {}
-            Ok(LeaseCheck::Gone) => return lose(shared, "the lease is gone (reaped, cancelled or reclaimed)"),
-            Ok(LeaseCheck::Replaced { by_agent }) => return lose(shared, &format!("the lease now belongs to {by_agent}")),
+            Ok(LeaseCheck::Gone) => {
+                return lose(shared, "the lease is gone (reaped, cancelled or reclaimed)")
+            }
+            Ok(LeaseCheck::Replaced { by_agent }) => {
+                return lose(shared, &format!("the lease now belongs to {by_agent}"))
+            }
             // A dropped link is retried on the next beat with a new session.
             Err(_) => spool = None,
         }
@@ -228,12 +244,17 @@ fn do_job(
     let job_dir = opts.work_dir.join("jobs").join(&lease.job);
     std::fs::create_dir_all(&job_dir).with_context(|| format!("creating {}", job_dir.display()))?;
     let log_file = job_dir.join("job.log");
-    let log = JobLog::create(&log_file).with_context(|| format!("creating {}", log_file.display()))?;
-    log.line(&format!("agent {} holds {} (token {}, attempt {})", opts.agent_id, lease.job, lease.token, lease.attempt));
+    let log =
+        JobLog::create(&log_file).with_context(|| format!("creating {}", log_file.display()))?;
+    log.line(&format!(
+        "agent {} holds {} (token {}, attempt {})",
+        opts.agent_id, lease.job, lease.token, lease.attempt
+    ));
 
+    let mut failed_in: Option<&'static str> = None;
     let result = std::thread::scope(|s| {
         s.spawn(|| heartbeats(opts, server, lease, &shared));
-        let r = (|| {
+        let r = (|| -> Result<()> {
             let watch_stop = || {
                 if stop.load(Ordering::SeqCst) {
                     shared.abort.store(true, Ordering::SeqCst);
@@ -243,8 +264,20 @@ fn do_job(
             let payload_dir = fetch_payloads(opts, spool, &job, &job_dir, &shared, &log)?;
             watch_stop();
             let image = job_dir.join(format!("{}.raw.zst", lease.job));
+            // The engine cleans up (unmounts) after a failed phase; the
+            // status must name the phase that failed, not the clean-up.
+            let mut open: Option<&'static str> = None;
             let mut on_event = |e: &Event| {
                 watch_stop();
+                match e.kind {
+                    EventKind::Started => {
+                        if let Some(p) = open.replace(e.phase.as_str()) {
+                            failed_in.get_or_insert(p);
+                        }
+                    }
+                    EventKind::Finished { .. } => open = None,
+                    _ => {}
+                }
                 shared.set(|st| {
                     st.phase = e.phase.as_str().to_string();
                     if let Some(f) = e.fraction() {
@@ -256,7 +289,8 @@ fn do_job(
                 });
             };
             let mounts = job_dir.join("mnt");
-            std::fs::create_dir_all(&mounts).with_context(|| format!("creating {}", mounts.display()))?;
+            std::fs::create_dir_all(&mounts)
+                .with_context(|| format!("creating {}", mounts.display()))?;
             let req = BuildRequest {
                 job: &job,
                 job_text: &text,
@@ -267,23 +301,43 @@ fn do_job(
                 agent_id: &opts.agent_id,
                 work_dir: &mounts,
             };
-            let manifest = build(&req, &mut on_event, &shared.abort).map_err(|e| anyhow!(e.one_line()))?;
+            let built = build(&req, &mut on_event, &shared.abort);
+            let manifest = built.map_err(|e| {
+                let phase = failed_in.or(open).unwrap_or("build");
+                shared.set(|st| st.phase = phase.to_string());
+                anyhow!(e.one_line())
+            })?;
             shared.set(|st| {
                 st.state = AgentState::Uploading;
                 st.phase = "upload".into();
                 st.progress = 0.0;
                 st.message = format!("{} bytes", manifest.image_size);
             });
-            log.line(&format!("uploading {} ({} bytes)", image.display(), manifest.image_size));
+            log.line(&format!(
+                "uploading {} ({} bytes)",
+                image.display(),
+                manifest.image_size
+            ));
             log.sync();
-            let report = upload(spool, lease, &image, &manifest, Some(&log_file), &opts.upload, &mut |p| {
-                watch_stop();
-                shared.set(|st| st.progress = p.fraction());
-            })?;
+            let report = upload(
+                spool,
+                lease,
+                &image,
+                &manifest,
+                Some(&log_file),
+                &opts.upload,
+                &mut |p| {
+                    watch_stop();
+                    shared.set(|st| st.progress = p.fraction());
+                },
+            )?;
             shared.set(|st| {
                 st.state = AgentState::Uploaded;
                 st.progress = 1.0;
-                st.message = format!("{} chunks sent, {} already held", report.sent, report.skipped);
+                st.message = format!(
+                    "{} chunks sent, {} already held",
+                    report.sent, report.skipped
+                );
             });
             // Free the scratch space (in RAM on a PXE-booted machine).
             let _ = std::fs::remove_file(&image);
@@ -294,7 +348,11 @@ fn do_job(
         r
     });
 
-    let lost = shared.lost.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let lost = shared
+        .lost
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     match (&result, lost) {
         (_, Some(why)) => {
             log.line(&format!("stopped: {why}"));
@@ -303,7 +361,11 @@ fn do_job(
         }
         (Ok(()), None) => {
             // The last heartbeat says the upload is complete.
-            let status = shared.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let status = shared
+                .status
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
             heartbeat(spool, lease, &status).context("writing the final status")?;
             Ok(())
         }
@@ -315,7 +377,11 @@ fn do_job(
                 st.state = AgentState::Failed;
                 st.message = reason.clone();
             });
-            let status = shared.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let status = shared
+                .status
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
             // The log goes first, so that when the master sees `failed` the log is there.
             if let Ok(text) = std::fs::read(&log_file) {
                 let _ = spool.write_atomic(&log_path(&lease.job), &text);
@@ -328,7 +394,9 @@ fn do_job(
 
 fn download_job(spool: &SftpSpool, id: &str) -> Result<(String, JobSpec)> {
     let path = job_path(id);
-    let bytes = spool.read(&path).with_context(|| format!("downloading {path}"))?;
+    let bytes = spool
+        .read(&path)
+        .with_context(|| format!("downloading {path}"))?;
     let text = String::from_utf8(bytes).map_err(|_| anyhow!("{path} is not UTF-8"))?;
     let job = parse_job(&text).map_err(|e| anyhow!("{}", e.in_file(Path::new(&path))))?;
     Ok((text, job))
@@ -336,7 +404,14 @@ fn download_job(spool: &SftpSpool, id: &str) -> Result<(String, JobSpec)> {
 
 /// Downloads each payload into a cache keyed by its BLAKE3 (checked on the
 /// way in) and returns a directory where the job's payload names lead to them.
-fn fetch_payloads(opts: &RunOptions, spool: &SftpSpool, job: &JobSpec, job_dir: &Path, shared: &Shared, log: &JobLog) -> Result<PathBuf> {
+fn fetch_payloads(
+    opts: &RunOptions,
+    spool: &SftpSpool,
+    job: &JobSpec,
+    job_dir: &Path,
+    shared: &Shared,
+    log: &JobLog,
+) -> Result<PathBuf> {
     let cache = opts.work_dir.join("cache");
     let by_name = job_dir.join("payloads");
     let _ = std::fs::remove_dir_all(&by_name);
@@ -346,26 +421,36 @@ fn fetch_payloads(opts: &RunOptions, spool: &SftpSpool, job: &JobSpec, job_dir: 
             st.progress = i as f32 / job.payloads.len().max(1) as f32;
             st.message = p.name.clone();
         });
-        let want = p.blake3.as_deref().ok_or_else(|| anyhow!("payloads[{i}] {:?} has no pinned blake3", p.name))?;
+        let want = p
+            .blake3
+            .as_deref()
+            .ok_or_else(|| anyhow!("payloads[{i}] {:?} has no pinned blake3", p.name))?;
         let cached = cache.join(want);
         if cached.exists() {
             log.line(&format!("payload {} from the cache ({want})", p.name));
         } else {
             let src = payload_path(&p.name);
             let tmp = cache.join(format!(".{want}.part"));
-            let got = download_hashed(spool, &src, &tmp, &shared.abort).with_context(|| format!("downloading {src}"))?;
+            let got = download_hashed(spool, &src, &tmp, &shared.abort)
+                .with_context(|| format!("downloading {src}"))?;
             if got != want {
                 let _ = std::fs::remove_file(&tmp);
-                bail!("payloads[{i}] {:?}: BLAKE3 is {got}, the job pins {want}", p.name);
+                bail!(
+                    "payloads[{i}] {:?}: BLAKE3 is {got}, the job pins {want}",
+                    p.name
+                );
             }
-            std::fs::rename(&tmp, &cached).with_context(|| format!("caching {}", cached.display()))?;
+            std::fs::rename(&tmp, &cached)
+                .with_context(|| format!("caching {}", cached.display()))?;
             log.line(&format!("payload {} downloaded ({want})", p.name));
         }
         let link = by_name.join(&p.name);
         if let Some(parent) = link.parent() {
-            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
         }
-        std::os::unix::fs::symlink(&cached, &link).with_context(|| format!("linking {}", link.display()))?;
+        std::os::unix::fs::symlink(&cached, &link)
+            .with_context(|| format!("linking {}", link.display()))?;
     }
     std::fs::create_dir_all(&by_name).with_context(|| format!("creating {}", by_name.display()))?;
     Ok(by_name)
@@ -373,7 +458,10 @@ fn fetch_payloads(opts: &RunOptions, spool: &SftpSpool, job: &JobSpec, job_dir: 
 
 fn download_hashed(spool: &SftpSpool, src: &str, dst: &Path, abort: &AtomicBool) -> Result<String> {
     let mut r = spool.open_read(src)?;
-    let mut out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(dst).with_context(|| format!("creating {}", dst.display()))?);
+    let mut out = std::io::BufWriter::with_capacity(
+        1 << 20,
+        std::fs::File::create(dst).with_context(|| format!("creating {}", dst.display()))?,
+    );
     let mut h = blake3::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -400,7 +488,10 @@ pub fn default_agent_id() -> String {
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
-            let mac = std::fs::read_to_string(e.path().join("address")).ok()?.trim().to_string();
+            let mac = std::fs::read_to_string(e.path().join("address"))
+                .ok()?
+                .trim()
+                .to_string();
             (name != "lo" && !mac.is_empty() && mac != "00:00:00:00:00:00").then_some((name, mac))
         })
         .collect();
@@ -409,7 +500,12 @@ pub fn default_agent_id() -> String {
         return format!("mac-{}", mac.replace(':', ""));
     }
     let sanitize = |s: &str| -> String {
-        s.trim().to_ascii_lowercase().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).take(48).collect()
+        s.trim()
+            .to_ascii_lowercase()
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .take(48)
+            .collect()
     };
     if let Ok(serial) = std::fs::read_to_string("/sys/class/dmi/id/product_serial") {
         let s = sanitize(&serial);
@@ -417,7 +513,10 @@ pub fn default_agent_id() -> String {
             return format!("sn-{s}");
         }
     }
-    let host = nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default();
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default();
     let h = sanitize(&host);
     if h.is_empty() {
         "agent".into()

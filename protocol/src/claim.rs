@@ -107,11 +107,24 @@ pub fn claim_next(fs: &dyn SpoolFs, agent: &str, now: Timestamp) -> Result<Optio
             entry.attempts + 1,
         );
         let path = lease_path(&entry.id);
-        if fs
+        if !fs
             .create_exclusive(&path, lease.to_toml().as_bytes())
             .ctx(|| format!("creating {path}"))?
         {
+            continue;
+        }
+        // The job list read above may be stale: the master may have
+        // published or cancelled the job and removed its lease since. The
+        // master rewrites the list before it removes a lease, so a fresh
+        // read tells; a claim on a job no longer queued is withdrawn.
+        let still_queued = read_job_list(fs)?
+            .get(&entry.id)
+            .is_some_and(|e| e.state == EntryState::Queued);
+        if still_queued {
             return Ok(Some(lease));
+        }
+        if check_lease(fs, &lease)? == LeaseCheck::Held {
+            fs.remove(&path).ctx(|| format!("withdrawing {path}"))?;
         }
     }
     Ok(None)

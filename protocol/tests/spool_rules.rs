@@ -495,3 +495,49 @@ fn job_files_dropped_into_jobs_are_taken_in_or_marked_invalid() {
         "taken in once"
     );
 }
+
+#[test]
+fn claims_never_outlive_a_cancel_or_publish() {
+    // Claimers race a master that cancels jobs as they go. A claimer that
+    // read the job list before a cancel must not keep a lease after it.
+    let (_dir, spool) = new_spool();
+    for i in 0..150 {
+        add(&spool, &format!("job-{i:03}"), 500, "1h", 3);
+    }
+    let cancelled = std::sync::Mutex::new(BTreeSet::new());
+    std::thread::scope(|s| {
+        for t in 0..6 {
+            let spool = &spool;
+            s.spawn(move || {
+                while claim_next(spool, &format!("claimer-{t}"), T0)
+                    .unwrap()
+                    .is_some()
+                {}
+            });
+        }
+        let (spool, cancelled) = (&spool, &cancelled);
+        s.spawn(move || {
+            for i in (0..150).rev() {
+                let id = format!("job-{i:03}");
+                let _lock = spool.lock().unwrap();
+                if master::cancel(spool, &id, T0).is_ok() {
+                    cancelled.lock().unwrap().insert(id);
+                }
+            }
+        });
+    });
+    let cancelled = cancelled.into_inner().unwrap();
+    assert!(!cancelled.is_empty());
+    for id in spool.list("leases").unwrap() {
+        assert!(
+            !cancelled.contains(&id),
+            "{id} was cancelled but a lease on it remains"
+        );
+    }
+    let leased = spool.list("leases").unwrap().len();
+    assert_eq!(
+        leased + cancelled.len(),
+        150,
+        "every job is either leased or cancelled"
+    );
+}

@@ -1,0 +1,428 @@
+//! `kiln-agent run` as a process against OpenSSH's sshd on 127.0.0.1: claims,
+//! builds on a loop device, uploads; the master reaps and publishes.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kiln_e2e::sshd::{skip_without_sshd, TestSshd};
+use kiln_protocol::claim::read_status;
+use kiln_protocol::lease::Lease;
+use kiln_protocol::master::{self, job_view, read_history, JobState};
+use kiln_protocol::publish::reap;
+use kiln_protocol::status::AgentState;
+use kiln_protocol::time::Timestamp;
+use kiln_protocol::uploader::{upload, UploadOptions};
+use kiln_protocol::{LocalSpool, SpoolFs};
+
+use common::AGENT;
+
+/// A job server: a real sshd and a spool made by the master's rules.
+struct Server {
+    sshd: TestSshd,
+    dir: tempfile::TempDir,
+    spool: LocalSpool,
+}
+
+impl Server {
+    fn start() -> Server {
+        let sshd = TestSshd::start().expect("starting sshd");
+        let dir = tempfile::tempdir().unwrap();
+        let spool = LocalSpool::new(dir.path());
+        master::init(&spool).unwrap();
+        let root = dir.path().join("payload-root");
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::write(root.join("etc/os-release"), "NAME=kiln-test\n").unwrap();
+        // A shell for target steps: busybox-static, which needs no libraries.
+        std::fs::create_dir_all(root.join("bin")).unwrap();
+        std::fs::copy("/bin/busybox", root.join("bin/busybox"))
+            .expect("busybox-static is installed");
+        std::os::unix::fs::symlink("busybox", root.join("bin/sh")).unwrap();
+        let tar = dir.path().join("payloads/base.tar");
+        let st = Command::new("tar")
+            .args(["--owner=0", "--group=0", "-C"])
+            .arg(&root)
+            .arg("-cf")
+            .arg(&tar)
+            .arg(".")
+            .status()
+            .unwrap();
+        assert!(st.success());
+        Server { sshd, dir, spool }
+    }
+
+    fn add(&self, id: &str, priority: u32, time_limit: &str, steps: &str) {
+        let text = format!(
+            "id = \"{id}\"\npriority = {priority}\ntime_limit = \"{time_limit}\"\nmax_attempts = 2\n\
+             [disk]\n[[disk.partitions]]\nlabel = \"root\"\nsize = \"rest\"\nkind = \"linux\"\nfs = \"ext4\"\nmount = \"/\"\n\
+             [[payloads]]\nname = \"base.tar\"\n[configure]\nhostname = \"{id}\"\n{steps}"
+        );
+        master::add_job(&self.spool, &text, Path::new("test.toml"), Timestamp::now()).unwrap();
+    }
+
+    fn config_block(&self) -> String {
+        format!(
+            "[[servers]]\naddress = \"{}\"\nuser = \"{}\"\nkey = \"{}\"\nhost_key = \"{}\"\nspool = \"{}\"\n",
+            self.sshd.address(),
+            self.sshd.user(),
+            self.sshd.client_key().display(),
+            self.sshd.host_key_line().trim(),
+            self.dir.path().display()
+        )
+    }
+
+    fn reap_until(&self, what: &str, timeout: Duration, mut done: impl FnMut(&LocalSpool) -> bool) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            for line in reap(&self.spool, Timestamp::now()).unwrap().lines() {
+                eprintln!("reap: {line}");
+            }
+            if done(&self.spool) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// One agent: its config, disk image file and scratch directory.
+struct Agent {
+    dir: tempfile::TempDir,
+}
+
+impl Agent {
+    fn new(id: &str, servers: &[&Server]) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = format!("id = \"{id}\"\npoll_interval = \"1s\"\n");
+        for s in servers {
+            cfg.push_str(&s.config_block());
+        }
+        std::fs::write(dir.path().join("agent.toml"), cfg).unwrap();
+        let disk = std::fs::File::create(dir.path().join("disk.img")).unwrap();
+        disk.set_len(64 << 20).unwrap();
+        Agent {
+            dir,
+            id: id.to_string(),
+        }
+    }
+
+    fn command(&self, once: bool) -> Command {
+        let mut c = Command::new(AGENT);
+        c.arg("run")
+            .arg("--config")
+            .arg(self.dir.path().join("agent.toml"))
+            .arg("--disk")
+            .arg(self.dir.path().join("disk.img"))
+            .arg("--work-dir")
+            .arg(self.dir.path().join("work"))
+            .args(["--chunk-size", "1MiB"]);
+        if once {
+            c.arg("--once");
+        }
+        c
+    }
+
+    fn once(&self) -> (i32, String) {
+        let out = self.command(true).output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn spawn(&self) -> Child {
+        self.command(false).stderr(Stdio::piped()).spawn().unwrap()
+    }
+}
+
+fn can_run(test: &str) -> bool {
+    if !Path::new("/bin/busybox").exists() {
+        eprintln!("SKIP: {test}: /bin/busybox is missing (install busybox-static)");
+        return false;
+    }
+    common::can_run(test) && !skip_without_sshd()
+}
+
+fn verify_published(spool: &LocalSpool, id: &str) {
+    let dir = spool.path(&format!("images/{id}"));
+    let out = Command::new(AGENT)
+        .arg("verify")
+        .arg(dir.join("image.raw.zst"))
+        .arg("--manifest")
+        .arg(dir.join("manifest.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "verify {id}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Job ids in the order an agent's output says it claimed them.
+fn claims(output: &str) -> Vec<String> {
+    output
+        .lines()
+        .filter_map(|l| {
+            l.split_once("claimed ")
+                .map(|(_, rest)| rest.split(' ').next().unwrap_or("").to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn one_agent_builds_one_job_and_it_is_published() {
+    if !can_run("one_agent_builds_one_job_and_it_is_published") {
+        return;
+    }
+    let server = Server::start();
+    server.add("web", 500, "10m", "");
+    let agent = Agent::new("agent-1", &[&server]);
+    let (code, out) = agent.once();
+    assert_eq!(code, 0, "{out}\n{}", server.sshd.log_tail());
+    let status = read_status(&server.spool, "web")
+        .unwrap()
+        .expect("a status record");
+    assert_eq!(status.state, AgentState::Uploaded, "{status:?}");
+    assert_eq!(status.agent, "agent-1");
+
+    server.reap_until("web to be published", Duration::from_secs(30), |s| {
+        job_view(s, "web", Timestamp::now()).unwrap().state == JobState::Done
+    });
+    verify_published(&server.spool, "web");
+    let history = read_history(&server.spool).unwrap();
+    assert_eq!(history.len(), 1);
+    assert_eq!(history[0].agent, "agent-1");
+
+    let (code, out) = agent.once();
+    assert_eq!(code, 3, "no job left: {out}");
+}
+
+#[test]
+fn an_agent_asks_its_servers_in_turn() {
+    if !can_run("an_agent_asks_its_servers_in_turn") {
+        return;
+    }
+    let (a, b) = (Server::start(), Server::start());
+    a.add("a-high", 900, "10m", "");
+    a.add("a-low", 100, "10m", "");
+    b.add("b-high", 500, "10m", "");
+    b.add("b-low", 50, "10m", "");
+    let agent = Agent::new("agent-1", &[&a, &b]);
+    let mut child = agent.spawn();
+    let done = |s: &LocalSpool| read_history(s).unwrap().len() == 2;
+    a.reap_until("a's jobs", Duration::from_secs(120), done);
+    b.reap_until("b's jobs", Duration::from_secs(120), done);
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        claims(&out),
+        ["a-high", "b-high", "a-low", "b-low"],
+        "{out}"
+    );
+    for (s, id) in [(&a, "a-high"), (&a, "a-low"), (&b, "b-high"), (&b, "b-low")] {
+        verify_published(&s.spool, id);
+    }
+}
+
+#[test]
+fn eight_agents_do_twenty_four_jobs_each_once() {
+    if !can_run("eight_agents_do_twenty_four_jobs_each_once") {
+        return;
+    }
+    let server = Server::start();
+    for i in 0..24 {
+        server.add(&format!("job-{i:02}"), (i * 37 % 1000) as u32, "10m", "");
+    }
+    let agents: Vec<Agent> = (0..8)
+        .map(|i| Agent::new(&format!("agent-{i}"), &[&server]))
+        .collect();
+    let children: Vec<Child> = agents.iter().map(Agent::spawn).collect();
+    server.reap_until("24 published jobs", Duration::from_secs(600), |s| {
+        read_history(s).unwrap().len() == 24
+    });
+    let mut claimed = BTreeMap::new();
+    for mut child in children {
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        let _ = child.wait();
+        let mut err = String::new();
+        use std::io::Read;
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        for l in err.lines().filter(|l| l.contains("failed")) {
+            eprintln!("{l}");
+        }
+        for id in claims(&err) {
+            *claimed.entry(id).or_insert(0) += 1;
+        }
+    }
+    assert_eq!(claimed.len(), 24, "{claimed:?}");
+    assert!(
+        claimed.values().all(|&n| n == 1),
+        "a job was claimed twice: {claimed:?}"
+    );
+    let builders: BTreeSet<String> = read_history(&server.spool)
+        .unwrap()
+        .into_iter()
+        .map(|h| h.agent)
+        .collect();
+    assert!(builders.len() > 1, "only {builders:?} did any work");
+    assert_eq!(server.spool.list("images").unwrap().len(), 24);
+    for i in [0, 11, 23] {
+        verify_published(&server.spool, &format!("job-{i:02}"));
+    }
+}
+
+#[test]
+fn a_killed_agent_is_reaped_and_its_late_upload_refused() {
+    if !can_run("a_killed_agent_is_reaped_and_its_late_upload_refused") {
+        return;
+    }
+    let server = Server::start();
+    let marker = server.dir.path().join("first-attempt");
+    // The first attempt stalls in its step; later ones go straight through.
+    let step = format!(
+        "[[steps]]\nname = \"stall-once\"\nwhere = \"agent\"\ntime_limit = \"10m\"\nrun = \"if [ ! -e {m} ]; then touch {m}; sleep 600; fi\"\n",
+        m = marker.display()
+    );
+    server.add("slow", 500, "15s", &step);
+    let first = Agent::new("agent-1", &[&server]);
+    let mut child = first.spawn();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let lease = loop {
+        let status = read_status(&server.spool, "slow").unwrap();
+        if status.as_ref().is_some_and(|s| s.phase == "steps") && marker.exists() {
+            let text = server.spool.read("leases/slow").unwrap();
+            break Lease::parse(&String::from_utf8(text).unwrap()).unwrap();
+        }
+        assert!(Instant::now() < deadline, "agent-1 never reached its step");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    child.kill().unwrap();
+    let _ = child.wait();
+    release_leftovers(first.dir.path());
+
+    // Nothing happens before the deadline; after it the master takes the job back.
+    server.reap_until("the lease to be reaped", Duration::from_secs(60), |s| {
+        let v = job_view(s, "slow", Timestamp::now()).unwrap();
+        v.state == JobState::Queued && v.attempts == 1
+    });
+
+    let second = Agent::new("agent-2", &[&server]);
+    let (code, out) = second.once();
+    assert_eq!(code, 0, "{out}");
+
+    // agent-1's late upload: the uploader itself stops, and a complete
+    // upload planted under its token is refused by the master.
+    let image = first.dir.path().join("late.raw.zst");
+    std::fs::write(&image, b"late image").unwrap();
+    let manifest = kiln_protocol::manifest::ImageManifest {
+        format: "raw.zst".into(),
+        job: "slow".into(),
+        job_blake3: String::new(),
+        agent: "agent-1".into(),
+        disk_size: 64 << 20,
+        block_size: 4096,
+        bytes_read: 0,
+        image_size: 10,
+        image_blake3: blake3::hash(b"late image").to_hex().to_string(),
+        payloads: vec![],
+        started: lease.acquired,
+        finished: Timestamp::now(),
+        phases: vec![],
+        ranges: vec![],
+    };
+    let e = upload(
+        &server.spool,
+        &lease,
+        &image,
+        &manifest,
+        None,
+        &UploadOptions { chunk_size: 4 },
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert!(e.is_lease_lost(), "{e}");
+
+    server.reap_until(
+        "agent-2's image to be published",
+        Duration::from_secs(30),
+        |s| job_view(s, "slow", Timestamp::now()).unwrap().state == JobState::Done,
+    );
+    let history = read_history(&server.spool).unwrap();
+    assert_eq!(history[0].agent, "agent-2");
+    verify_published(&server.spool, "slow");
+}
+
+#[test]
+fn a_failing_job_reports_its_reason_and_log() {
+    if !can_run("a_failing_job_reports_its_reason_and_log") {
+        return;
+    }
+    let server = Server::start();
+    server.add(
+        "broken",
+        500,
+        "10m",
+        "[[steps]]\nname = \"fail\"\nwhere = \"target\"\nrun = \"echo step-output-here; exit 7\"\n",
+    );
+    let agent = Agent::new("agent-1", &[&server]);
+    let (code, out) = agent.once();
+    assert_eq!(code, 1, "{out}");
+    let status = read_status(&server.spool, "broken").unwrap().unwrap();
+    assert_eq!(status.state, AgentState::Failed);
+    assert!(status.message.contains("fail"), "{status:?}");
+    let log = String::from_utf8(server.spool.read("logs/broken.log").unwrap()).unwrap();
+    assert!(log.contains("step-output-here"), "{log}");
+    let report = reap(&server.spool, Timestamp::now()).unwrap();
+    assert_eq!(report.released.len(), 1, "{report:?}");
+    let v = job_view(&server.spool, "broken", Timestamp::now()).unwrap();
+    assert_eq!((v.state, v.attempts), (JobState::Queued, 1));
+    assert!(
+        v.message.contains("agent-1 failed in steps"),
+        "{}",
+        v.message
+    );
+}
+
+/// A SIGKILLed agent leaves its mounts and loop device behind; a real
+/// machine would reboot. Clean them up so the test leaves nothing.
+fn release_leftovers(dir: &Path) {
+    let work: PathBuf = dir.join("work");
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mut points: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split(' ').nth(1))
+        .filter(|m| m.starts_with(&*work.to_string_lossy()))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in points {
+        let _ = Command::new("umount").arg("-l").arg(p).status();
+    }
+    if let Ok(out) = Command::new("losetup")
+        .arg("-j")
+        .arg(dir.join("disk.img"))
+        .output()
+    {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if let Some(dev) = line.split(':').next() {
+                let _ = Command::new("losetup").arg("-d").arg(dev).status();
+            }
+        }
+    }
+}
