@@ -1,39 +1,221 @@
 #!/usr/bin/env bash
-# The demo on an embedded default: a spool under demo/, the sample job and
-# its payload queued, then whatever the built pieces can do with it.
+# The demo, end to end on this machine: a job server (OpenSSH's sshd on
+# 127.0.0.1 with keys made here) holding a spool under demo/, the sample job
+# queued, one QEMU VM that PXE-boots kiln's minimal OS, builds the job and
+# uploads the image, the master publishing it, and the image booting in a
+# fresh VM. Prints what it did and how long each phase took.
+#
+#   scripts/demo.sh            (make demo installs the packages first)
+#
+# KILN_QEMU_ACCEL=kvm uses KVM instead of TCG; KILN_DEMO_TIMEOUT (seconds,
+# default 900) bounds the build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bin=target/debug
-demo=demo
+repo=$PWD
+demo=$repo/demo
 spool=$demo/spool
-master() { "$bin/kiln-master" --spool "$spool" "$@"; }
-step() { printf '\n== %s\n' "$*"; }
+musl=x86_64-unknown-linux-musl
+target=${CARGO_TARGET_DIR:-$repo/target}
+accel=${KILN_QEMU_ACCEL:-tcg}
+timeout=${KILN_DEMO_TIMEOUT:-900}
+master_bin=$target/debug/kiln-master
+agent_bin=$target/$musl/release/kiln-agent
+
+phases=()
+phase_start=$SECONDS
+step() {
+	printf '\n== %s\n' "$*"
+}
+done_phase() {
+	local took=$((SECONDS - phase_start))
+	phases+=("$(printf '%-34s %4ss' "$1" "$took")")
+	phase_start=$SECONDS
+}
+master() { "$master_bin" --spool "$spool" "$@"; }
+die() {
+	echo "demo: $*" >&2
+	exit 1
+}
+
+pids=()
+cleanup() {
+	for p in "${pids[@]}"; do
+		kill "$p" 2>/dev/null || true
+	done
+	wait 2>/dev/null || true
+}
+trap cleanup EXIT
+
+for tool in qemu-system-x86_64 qemu-img /usr/sbin/sshd ssh-keygen zstd /bin/busybox; do
+	command -v "$tool" >/dev/null || [ -x "$tool" ] || die "$tool is missing: run scripts/install-deps.sh (or make demo)"
+done
+
+step "build kiln-master, kiln-initramfs and the static agent ($musl)"
+cargo build -q -p kiln-master -p kiln-initramfs
+cargo build -q --release --target "$musl" -p kiln-agent
+ls -l "$agent_bin" | awk '{ print "agent: " $5 " bytes, " $NF }'
+done_phase "build"
+
+step "fetch Debian's kernel into .cache/kernel"
+kdir=$(scripts/fetch-kernel.sh | tail -n1)
+kver=$(cat "$kdir/version")
+echo "kernel $kver at $kdir"
+done_phase "kernel"
 
 rm -rf "$demo"
-mkdir -p "$demo/root/etc" "$demo/root/bin"
-step "init a spool at $spool"
+mkdir -p "$demo/sshd"
+
+step "start a job server: sshd on 127.0.0.1 with generated keys"
+ssh-keygen -q -t ed25519 -N '' -C kiln-demo-host -f "$demo/sshd/host_key"
+ssh-keygen -q -t ed25519 -N '' -C kiln-demo-agent -f "$demo/sshd/agent_key"
+cp "$demo/sshd/agent_key.pub" "$demo/sshd/authorized_keys"
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])' 2>/dev/null || echo 2222)
+user=$(id -un)
+mkdir -p /run/sshd
+cat >"$demo/sshd/sshd_config" <<EOF
+ListenAddress 127.0.0.1:$port
+HostKey $demo/sshd/host_key
+PidFile $demo/sshd/sshd.pid
+AuthorizedKeysFile $demo/sshd/authorized_keys
+AllowUsers $user
+StrictModes no
+UsePAM no
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+Subsystem sftp internal-sftp
+EOF
+/usr/sbin/sshd -D -e -f "$demo/sshd/sshd_config" 2>"$demo/sshd/sshd.log" &
+pids+=($!)
+for _ in $(seq 50); do
+	(echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+	sleep 0.1
+done
+(echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null || die "sshd did not start: $(tail -5 "$demo/sshd/sshd.log")"
+echo "sshd on 127.0.0.1:$port (the VM reaches it as 10.0.2.2:$port), host key $(ssh-keygen -lf "$demo/sshd/host_key.pub" | awk '{print $2}')"
+done_phase "job server"
+
+step "make the spool $spool and queue the sample job"
 master init
-
-step "make the sample payload (a tiny root tree) and add it"
-echo "kiln sample" > "$demo/root/etc/issue"
-tar -C "$demo/root" --owner=0 --group=0 -cf "$demo/sample-root.tar" .
+tests/scripts/make-os-payload.sh "$demo/sample-root.tar"
 master payload add "$demo/sample-root.tar"
-
-step "queue the sample job (its payload hash is pinned on the way in)"
 master add examples/jobs/sample.toml
-grep -A1 'name = "sample-root.tar"' "$spool/jobs/sample.toml"
-
-step "the job list, as agents will take it"
 master list
+done_phase "spool"
 
-step "one reaper pass (nothing to reclaim or publish yet)"
-master reap
+step "pack the minimal OS: the agent as /init, modules, mkfs tools, busybox, agent.toml"
+cat >"$demo/agent.toml" <<EOF
+poll_interval = "2s"
+disk = "auto"
+
+[[servers]]
+address = "10.0.2.2:$port"
+user = "$user"
+key = "/etc/kiln/agent_key"
+host_key = "$(cat "$demo/sshd/host_key.pub")"
+spool = "$spool"
+EOF
+cat >"$demo/initramfs.toml" <<EOF
+agent = "$agent_bin"
+agent_config = "agent.toml"
+kernel_modules = "$kdir/lib/modules/$kver"
+
+[[files]]
+src = "sshd/agent_key"
+dest = "/etc/kiln/agent_key"
+mode = 0o600
+EOF
+"$target/debug/kiln-initramfs" --config "$demo/initramfs.toml" --out "$demo/initramfs.img" | tail -n 3
+master pxe --out "$demo/tftp" --kernel "$kdir/vmlinuz" --initramfs "$demo/initramfs.img" \
+	--cmdline "console=ttyS0,115200 panic=-1 loglevel=4 kiln.id=demo-vm"
+done_phase "initramfs and PXE directory"
+
+step "PXE-boot a VM ($accel) that builds the job; its console is $demo/build-vm.log"
+qemu-img create -q -f qcow2 "$demo/build-disk.qcow2" 256M
+qemu-system-x86_64 -name kiln-demo-build -accel "$accel" -m 1024 -smp 1 \
+	-display none -monitor none -no-reboot -serial "file:$demo/build-vm.log" \
+	-drive "file=$demo/build-disk.qcow2,format=qcow2,if=none,id=disk0" \
+	-device virtio-blk-pci,drive=disk0,serial=kiln-disk0 \
+	-netdev "user,id=pxe0,tftp=$demo/tftp,bootfile=boot.ipxe" \
+	-device virtio-net-pci,netdev=pxe0 -boot n >"$demo/build-qemu.log" 2>&1 &
+vm=$!
+pids+=("$vm")
+shown=0
+last=""
+deadline=$((SECONDS + timeout))
+while [ ! -f "$spool/images/sample/published.toml" ]; do
+	# The VM's status lines, as they come.
+	if [ -f "$demo/build-vm.log" ]; then
+		lines=$(grep -a '^kiln: ' "$demo/build-vm.log" || true)
+		count=$(printf '%s' "$lines" | grep -c . || true)
+		if [ "$count" -gt "$shown" ]; then
+			printf '%s\n' "$lines" | tail -n +"$((shown + 1))" | sed 's/^/  vm  | /'
+			shown=$count
+		fi
+	fi
+	master reap >/dev/null
+	now=$(master list | awk '$1 == "sample"')
+	if [ -n "$now" ] && [ "$now" != "$last" ]; then
+		echo "  spool| $now"
+		last=$now
+	fi
+	if master list --json | grep -q '"state": "failed"'; then
+		master show sample || true
+		die "the job failed; the VM's console is $demo/build-vm.log"
+	fi
+	kill -0 "$vm" 2>/dev/null || die "the VM stopped; its console is $demo/build-vm.log"
+	[ "$SECONDS" -lt "$deadline" ] || die "no image after ${timeout}s; the VM's console is $demo/build-vm.log"
+	sleep 2
+done
+kill "$vm" 2>/dev/null || true
+master list
+done_phase "PXE boot, build, upload, publish"
+
+step "boot the published image in a fresh VM; its console is $demo/image-vm.log"
+image=$spool/images/sample/image.raw.zst
+manifest=$spool/images/sample/manifest.toml
+"$agent_bin" verify "$image" --manifest "$manifest"
+zstd -d -q -f "$image" -o "$demo/sample.raw"
+cat >"$demo/image-initrd.toml" <<EOF
+agent = "$repo/tests/fixtures/image-init.sh"
+kernel_modules = "$kdir/lib/modules/$kver"
+modules = ["virtio_pci", "virtio_blk", "ext4"]
+tools = []
+EOF
+"$target/debug/kiln-initramfs" --config "$demo/image-initrd.toml" --out "$demo/image-initrd.img" | tail -n 1
+qemu-system-x86_64 -name kiln-demo-image -accel "$accel" -m 512 -smp 1 \
+	-display none -monitor none -no-reboot -serial "file:$demo/image-vm.log" -nic none \
+	-drive "file=$demo/sample.raw,format=raw,if=none,id=disk0" \
+	-device virtio-blk-pci,drive=disk0 \
+	-kernel "$kdir/vmlinuz" -initrd "$demo/image-initrd.img" \
+	-append "console=ttyS0,115200 panic=-1 loglevel=4" >"$demo/image-qemu.log" 2>&1 &
+vm=$!
+pids+=("$vm")
+deadline=$((SECONDS + 300))
+until grep -aq 'KILN-IMAGE: done' "$demo/image-vm.log" 2>/dev/null; do
+	kill -0 "$vm" 2>/dev/null || die "the image VM stopped early; its console is $demo/image-vm.log"
+	[ "$SECONDS" -lt "$deadline" ] || die "the image did not boot in 300s; see $demo/image-vm.log"
+	sleep 1
+done
+grep -a 'KILN-IMAGE:' "$demo/image-vm.log" | sed 's/^/  image| /'
+grep -aq 'KILN-IMAGE: hostname kiln-sample' "$demo/image-vm.log" || die "the booted image does not carry the configured hostname"
+done_phase "boot the image"
 
 cat <<MSG
 
-What this did: created the spool $spool, added payloads/sample-root.tar,
-validated and queued jobs/sample.toml in jobs.toml, and ran one reap pass.
-Agents claim jobs from this spool over SSH; watch it with:
-  $bin/kiln-master --spool $spool list
-  $bin/kiln-master --spool $spool serve
+What this did: started sshd on 127.0.0.1:$port as the job server, made the
+spool $spool with the sample job, PXE-booted a VM into kiln's minimal OS
+(kernel $kver, $demo/initramfs.img), which claimed the job over SFTP, built
+it on its virtio disk and uploaded the image; the master verified and
+published it; then the image booted in a fresh VM as host kiln-sample.
+
+  image:     $image
+  manifest:  $manifest
+  job log:   $spool/images/sample/job.log
+  watch the spool in the TUI:
+    $master_bin --spool demo/spool tui
+
+Time per phase:
 MSG
+printf '  %s\n' "${phases[@]}"
+echo "  total                              $(printf '%4s' "$SECONDS")s"

@@ -371,45 +371,7 @@ fn small_job(id: &str, priority: u32, extra: &str) -> String {
 
 /// The initrd that boots a deployed image: loads virtio and ext4, finds the
 /// partition named `root` and switches into it.
-const IMAGE_INIT: &str = r#"#!/bin/sh
-export PATH=/bin:/sbin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-M=/lib/modules/$(uname -r)
-fail() { echo "KILN-INITRD: FAILED: $*"; poweroff -f; }
-loaded() { grep -q "^$1 " /proc/modules; }
-load() {
-	pat=$(echo "$1" | sed 's/_/[-_]/g')
-	line=$(grep "/$pat\.ko:" $M/modules.dep) || fail "$1 is not in modules.dep"
-	rev=""
-	for d in ${line#*:}; do rev="$d $rev"; done
-	for d in $rev; do
-		n=${d##*/}; n=${n%.ko}; n=$(echo "$n" | tr - _)
-		loaded "$n" || insmod "$M/$d" || fail "insmod $d for $1"
-	done
-	loaded "$1" || insmod "$M/${line%%:*}" || fail "insmod $1"
-}
-load virtio_pci
-load virtio_blk
-grep -q "^softdep ext4 pre: crypto-crc32c" $M/modules.softdep && load crc32c_generic
-load ext4
-root=""
-for i in $(seq 1 50); do
-	for u in /sys/class/block/*/uevent; do
-		grep -q '^PARTNAME=root$' "$u" && root=$(sed -n 's/^DEVNAME=//p' "$u")
-	done
-	[ -n "$root" ] && [ -b "/dev/$root" ] && break
-	sleep 0.2
-done
-[ -n "$root" ] || fail "no partition named root"
-echo "KILN-INITRD: root is /dev/$root"
-mkdir -p /newroot
-mount -t ext4 "/dev/$root" /newroot || fail "mounting /dev/$root"
-umount /proc /sys
-mount --move /dev /newroot/dev 2>/dev/null || umount /dev
-exec switch_root /newroot /sbin/init
-"#;
+const IMAGE_INIT: &str = include_str!("../fixtures/image-init.sh");
 
 fn image_initrd(dir: &Path) -> Result<PathBuf> {
     let k = kernel()?;
