@@ -104,10 +104,7 @@ impl Agent {
         std::fs::write(dir.path().join("agent.toml"), cfg).unwrap();
         let disk = std::fs::File::create(dir.path().join("disk.img")).unwrap();
         disk.set_len(64 << 20).unwrap();
-        Agent {
-            dir,
-            id: id.to_string(),
-        }
+        Agent { dir }
     }
 
     fn command(&self, once: bool) -> Command {
@@ -213,7 +210,7 @@ fn an_agent_asks_its_servers_in_turn() {
     b.add("b-high", 500, "10m", "");
     b.add("b-low", 50, "10m", "");
     let agent = Agent::new("agent-1", &[&a, &b]);
-    let mut child = agent.spawn();
+    let child = agent.spawn();
     let done = |s: &LocalSpool| read_history(s).unwrap().len() == 2;
     a.reap_until("a's jobs", Duration::from_secs(120), done);
     b.reap_until("b's jobs", Duration::from_secs(120), done);
