@@ -265,7 +265,13 @@ fn publish_uploads(
         if check_job_id(&id).is_err() {
             continue;
         }
-        let lease = read_lease(fs, &id).unwrap_or(None);
+        // An unreadable lease must not count as no lease: that would delete
+        // the holder's upload. A corrupt one is cleared by the next pass.
+        let lease = match read_lease(fs, &id) {
+            Ok(l) => l,
+            Err(SpoolError::Corrupt { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        };
         for token in fs
             .list(&format!("{INCOMING}/{id}"))
             .ctx(|| format!("listing {INCOMING}/{id}/"))?

@@ -318,7 +318,7 @@ fn send_chunk(
         left -= n as u64;
         on_written(n as u64);
     }
-    // Flushing syncs the chunk on the server before it gets its final name.
+    // Once flushed, every byte of the chunk is on the server: it may take its final name.
     io_ctx(out.flush(), || format!("writing {tmp}"))?;
     Ok(())
 }

@@ -246,6 +246,7 @@ impl TestSshd {
         };
         // Connection processes call setsid(), so a process group does not
         // reach them: find them through their parents.
+        // A stopped process still dies of SIGKILL.
         let root = child.id() as i32;
         let mut victims = descendants(root);
         victims.push(root);
@@ -258,6 +259,25 @@ impl TestSshd {
         let deadline = Instant::now() + Duration::from_secs(5);
         while victims.iter().any(|p| alive(*p)) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Stops (SIGSTOP) or continues (SIGCONT) sshd and its sessions: a link
+    /// that stays up but carries nothing.
+    pub fn freeze(&self, frozen: bool) {
+        let Some(child) = &self.child else {
+            return;
+        };
+        let root = child.id() as i32;
+        let sig = if frozen {
+            Signal::SIGSTOP
+        } else {
+            Signal::SIGCONT
+        };
+        let mut pids = descendants(root);
+        pids.push(root);
+        for pid in pids {
+            let _ = kill(Pid::from_raw(pid), sig);
         }
     }
 

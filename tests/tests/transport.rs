@@ -547,3 +547,23 @@ fn the_restricted_key_does_sftp_in_the_spool_and_nothing_else() {
         outside.display()
     );
 }
+
+#[test]
+fn a_silent_link_is_an_error_not_a_hang() {
+    if skip_without_sshd() {
+        return;
+    }
+    let sshd = TestSshd::start().unwrap();
+    let (dir, _local) = new_spool();
+    let opts = SessionOptions {
+        io_timeout: Duration::from_secs(2),
+        ..SessionOptions::default()
+    };
+    let fs = SftpSpool::connect(&server(&sshd, dir.path()), &opts).unwrap();
+    fs.write_atomic("status/a.toml", b"one").unwrap();
+    sshd.freeze(true);
+    // The session's timeout fires: the read fails as timed out, it does not hang.
+    let e = fs.read("status/a.toml").unwrap_err();
+    sshd.freeze(false);
+    assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+}
