@@ -484,7 +484,6 @@ pub fn reclaim(fs: &dyn SpoolFs, id: &str, now: Timestamp) -> Result<EntryState>
             lease.agent
         ),
     )?;
-    write_job_list(fs, &list)?;
     Ok(state)
 }
 

@@ -13,8 +13,8 @@ use crate::master::{pin_payloads, write_job_list, HistoryRecord, MasterError, Re
 use crate::names::check_job_id;
 use crate::queue::{Entry, EntryState, JobList};
 use crate::spool::{
-    history_path, image_dir, incoming_dir, job_path, lease_path, status_path, SpoolFs, IMAGES,
-    INCOMING, JOBS, LEASES, TMP_PREFIX,
+    history_path, image_dir, incoming_dir, job_path, lease_path, status_path, SpoolFs, HISTORY,
+    IMAGES, INCOMING, JOBS, LEASES, TMP_PREFIX,
 };
 use crate::status::AgentState;
 use crate::time::Timestamp;
@@ -82,13 +82,15 @@ fn state_word(s: EntryState) -> &'static str {
 pub fn reap(fs: &dyn SpoolFs, now: Timestamp) -> Result<ReapReport> {
     let mut report = ReapReport::default();
     let mut list = read_job_list(fs)?;
-    ingest(fs, &mut list, now, &mut report)?;
+    // Every change below writes the job list before it removes a lease, and
+    // an unchanged list is not written at all, so an idle pass costs reads only.
+    if ingest(fs, &mut list, now, &mut report)? {
+        write_job_list(fs, &list)?;
+    }
+    // Ended leases are gone before publishing, so an upload from one of
+    // them can never be published below.
     reap_leases(fs, &mut list, now, &mut report)?;
-    // Write the new job states before publishing, so that an upload from a
-    // lease ended above can never be published below.
-    write_job_list(fs, &list)?;
     publish_uploads(fs, &mut list, now, &mut report)?;
-    write_job_list(fs, &list)?;
     Ok(report)
 }
 
@@ -97,19 +99,25 @@ fn ingest(
     list: &mut JobList,
     now: Timestamp,
     report: &mut ReapReport,
-) -> Result<()> {
+) -> Result<bool> {
+    let known: std::collections::HashSet<String> = list
+        .jobs
+        .iter()
+        .map(|e| format!("{}.toml", e.id))
+        .chain(fs.list(HISTORY).ctx(|| format!("listing {HISTORY}/"))?)
+        .collect();
+    let mut changed = false;
     for name in fs.list(JOBS).ctx(|| format!("listing {JOBS}/"))? {
+        if known.contains(&name) {
+            continue;
+        }
         let Some(id) = name.strip_suffix(".toml") else {
             continue;
         };
-        if check_job_id(id).is_err()
-            || list.get(id).is_some()
-            || fs
-                .exists(&history_path(id))
-                .ctx(|| "reading history/".into())?
-        {
+        if check_job_id(id).is_err() {
             continue;
         }
+        changed = true;
         let path = job_path(id);
         let Some(bytes) = fs.read_opt(&path).ctx(|| format!("reading {path}"))? else {
             continue;
@@ -163,7 +171,7 @@ fn ingest(
         }
         list.push(entry);
     }
-    Ok(())
+    Ok(changed)
 }
 
 /// Ends a lease: the attempt counts, and the job goes back to the queue or,
@@ -195,6 +203,10 @@ pub fn release(
         Some(e) => e.state,
         None => EntryState::Cancelled,
     };
+    // The job list first, the lease after: a claimer that reads the list
+    // after creating its lease then sees the job's new state (see
+    // `claim::claim_next`).
+    write_job_list(fs, list)?;
     let path = lease_path(&lease.job);
     fs.remove(&path).ctx(|| format!("removing {path}"))?;
     if check_token(&lease.token).is_ok() {
