@@ -474,9 +474,7 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 /// The real text that `kiln-master agent-key` prints.
-#[path = "../../master-tui/src/agent_key.rs"]
-#[allow(dead_code)]
-mod agent_key;
+use kiln_master::agent_key;
 
 #[test]
 fn the_restricted_key_does_sftp_in_the_spool_and_nothing_else() {
