@@ -319,17 +319,17 @@ fn do_job(
                 manifest.image_size
             ));
             log.sync();
-            let report = upload(
+            let report = upload_resuming(
+                opts,
+                server,
                 spool,
                 lease,
                 &image,
                 &manifest,
-                Some(&log_file),
-                &opts.upload,
-                &mut |p| {
-                    watch_stop();
-                    shared.set(|st| st.progress = p.fraction());
-                },
+                &log_file,
+                &shared,
+                &log,
+                &watch_stop,
             )?;
             shared.set(|st| {
                 st.state = AgentState::Uploaded;
@@ -366,7 +366,19 @@ fn do_job(
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone();
-            heartbeat(spool, lease, &status).context("writing the final status")?;
+            // The upload is complete and the master publishes it whatever
+            // the status says; a link that dropped since only loses the
+            // last heartbeat, so retry once on a new session and go on.
+            if heartbeat(spool, lease, &status).is_err() {
+                let retried =
+                    connect(opts, server).and_then(|fs| Ok(heartbeat(&fs, lease, &status)?));
+                if let Err(e) = retried {
+                    say(&format!(
+                        "{}: the final status was not written: {e:#}",
+                        lease.job
+                    ));
+                }
+            }
             Ok(())
         }
         (Err(e), None) => {
@@ -389,6 +401,71 @@ fn do_job(
             let _ = heartbeat(spool, lease, &status);
             bail!("{reason}")
         }
+    }
+}
+
+/// How often an interrupted upload is resumed before the job fails.
+const UPLOAD_RETRIES: u32 = 6;
+
+/// Uploads the image, and after a cut (link drop, sshd restart) reconnects
+/// and resumes: the chunks the server holds whole are not sent again.
+#[allow(clippy::too_many_arguments)]
+fn upload_resuming(
+    opts: &RunOptions,
+    server: &Server,
+    spool: &SftpSpool,
+    lease: &Lease,
+    image: &Path,
+    manifest: &kiln_protocol::manifest::ImageManifest,
+    log_file: &Path,
+    shared: &Shared,
+    log: &JobLog,
+    watch_stop: &dyn Fn(),
+) -> Result<kiln_protocol::uploader::UploadReport> {
+    let mut fresh: Option<SftpSpool> = None;
+    let mut retry = 0;
+    loop {
+        let fs = fresh.as_ref().unwrap_or(spool);
+        let result = upload(
+            fs,
+            lease,
+            image,
+            manifest,
+            Some(log_file),
+            &opts.upload,
+            &mut |p| {
+                watch_stop();
+                shared.set(|st| st.progress = p.fraction());
+            },
+        );
+        let e = match result {
+            Ok(report) => {
+                if retry > 0 {
+                    log.line(&format!(
+                        "upload resumed: {} chunks sent, {} already held",
+                        report.sent, report.skipped
+                    ));
+                }
+                return Ok(report);
+            }
+            Err(e) if e.is_lease_lost() || retry >= UPLOAD_RETRIES => return Err(e.into()),
+            Err(e) => e,
+        };
+        retry += 1;
+        let wait = Duration::from_secs(1 << retry.min(4));
+        log.line(&format!(
+            "upload interrupted: {e}; resuming in {}s (try {retry} of {UPLOAD_RETRIES})",
+            wait.as_secs()
+        ));
+        shared.set(|st| st.message = format!("upload interrupted, resuming (try {retry})"));
+        let until = Instant::now() + wait;
+        while Instant::now() < until {
+            if shared.abort.load(Ordering::SeqCst) {
+                bail!("stopped while resuming the upload");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        fresh = connect(opts, server).ok();
     }
 }
 

@@ -103,7 +103,7 @@ impl Agent {
         }
         std::fs::write(dir.path().join("agent.toml"), cfg).unwrap();
         let disk = std::fs::File::create(dir.path().join("disk.img")).unwrap();
-        disk.set_len(64 << 20).unwrap();
+        disk.set_len(128 << 20).unwrap();
         Agent { dir }
     }
 
@@ -422,4 +422,99 @@ fn release_leftovers(dir: &Path) {
             }
         }
     }
+}
+
+#[test]
+fn an_upload_cut_by_an_sshd_restart_resumes() {
+    if !can_run("an_upload_cut_by_an_sshd_restart_resumes") {
+        return;
+    }
+    let mut server = Server::start();
+    // 48 MiB that does not compress: an image of about 48 one-MiB chunks.
+    let big = server.dir.path().join("big");
+    std::fs::create_dir_all(&big).unwrap();
+    let mut noise = vec![0u8; 48 << 20];
+    blake3::Hasher::new()
+        .update(b"kiln")
+        .finalize_xof()
+        .fill(&mut noise);
+    std::fs::write(big.join("noise.bin"), &noise).unwrap();
+    let tar = server.dir.path().join("payloads/big.tar");
+    let st = Command::new("tar")
+        .arg("-C")
+        .arg(&big)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    server.add(
+        "big",
+        500,
+        "10m",
+        "[[payloads]]\nname = \"big.tar\"\ndest = \"/srv\"\n",
+    );
+
+    let agent = Agent::new("agent-1", &[&server]);
+    let child = agent.command(true).stderr(Stdio::piped()).spawn().unwrap();
+    // Cut the link as soon as the first chunk is whole on the server.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let incoming = server.dir.path().join("incoming/big");
+    loop {
+        let chunks = std::fs::read_dir(&incoming)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|tok| tok.path().join("chunk-00000000").exists());
+        if chunks {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the upload never started");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    server.sshd.kill();
+    assert!(
+        !server
+            .spool
+            .exists(&format!(
+                "incoming/big/{}/manifest.toml",
+                std::fs::read_dir(&incoming)
+                    .unwrap()
+                    .next()
+                    .unwrap()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+            ))
+            .unwrap(),
+        "the upload finished before the cut; the test did not cut anything"
+    );
+    server.sshd.restart().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+
+    server.reap_until("big to be published", Duration::from_secs(60), |s| {
+        job_view(s, "big", Timestamp::now()).unwrap().state == JobState::Done
+    });
+    verify_published(&server.spool, "big");
+    let log = std::fs::read_to_string(server.spool.path("images/big/job.log")).unwrap();
+    assert!(
+        log.contains("upload interrupted"),
+        "no cut in the job log:\n{log}"
+    );
+    // The last status, kept in history: "N chunks sent, M already held".
+    let status = read_history(&server.spool).unwrap()[0]
+        .status
+        .clone()
+        .expect("a final status");
+    let held: usize = status
+        .message
+        .split(", ")
+        .nth(1)
+        .and_then(|p| p.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{:?}", status.message));
+    assert!(held >= 1, "nothing was resumed: {:?}", status.message);
 }
