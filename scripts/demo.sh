@@ -159,7 +159,8 @@ while [ ! -f "$spool/images/sample/published.toml" ]; do
 		echo "  spool| $now"
 		last=$now
 	fi
-	if master list --json | grep -q '"state": "failed"'; then
+	json=$(master list --json)
+	if [[ $json == *'"state": "failed"'* ]]; then
 		master show sample || true
 		die "the job failed; the VM's console is $demo/build-vm.log"
 	fi
@@ -174,7 +175,7 @@ done_phase "PXE boot, build, upload, publish"
 step "boot the published image in a fresh VM; its console is $demo/image-vm.log"
 image=$spool/images/sample/image.raw.zst
 manifest=$spool/images/sample/manifest.toml
-"$agent_bin" verify "$image" --manifest "$manifest"
+"$agent_bin" verify "$image" --manifest "$manifest" 2>&1 | tail -n 1
 zstd -d -q -f "$image" -o "$demo/sample.raw"
 cat >"$demo/image-initrd.toml" <<EOF
 agent = "$repo/tests/fixtures/image-init.sh"
