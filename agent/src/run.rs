@@ -16,7 +16,7 @@ use kiln_protocol::agent_config::{AgentConfig, Server};
 use kiln_protocol::claim::{claim_next, heartbeat, LeaseCheck};
 use kiln_protocol::job::{parse_job, JobSpec};
 use kiln_protocol::lease::Lease;
-use kiln_protocol::sftp::{ServerConfig, SessionOptions, SftpSpool};
+use kiln_protocol::sftp::{SessionOptions, SftpSpool};
 use kiln_protocol::spool::{job_path, log_path, payload_path, SpoolFs};
 use kiln_protocol::status::{AgentState, Status};
 use kiln_protocol::time::Timestamp;
@@ -108,18 +108,8 @@ fn is_job_failure(e: &anyhow::Error) -> bool {
     e.downcast_ref::<JobFailed>().is_some()
 }
 
-pub fn server_config(s: &Server) -> ServerConfig {
-    ServerConfig {
-        address: s.address.clone(),
-        user: s.user.clone(),
-        key: s.key.clone(),
-        host_key: s.host_key.clone(),
-        spool: s.spool.clone(),
-    }
-}
-
 fn connect(opts: &RunOptions, server: &Server) -> Result<SftpSpool> {
-    SftpSpool::connect(&server_config(server), &opts.session)
+    SftpSpool::connect(server, &opts.session)
         .with_context(|| format!("connecting to {}", server.address))
 }
 

@@ -49,7 +49,7 @@ fn default_disk() -> String {
     "auto".into()
 }
 
-#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Server {
     /// `host:port`.

@@ -7,7 +7,6 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Deserialize;
 use ssh2::{MethodType, Session};
 
 use super::host_key::{blob_algorithm, fingerprint, HostKey};
@@ -17,19 +16,7 @@ use super::host_key::{blob_algorithm, fingerprint, HostKey};
 pub const PREFERRED_CIPHERS: &str = "aes128-gcm@openssh.com,aes256-gcm@openssh.com,aes128-ctr,aes256-ctr,chacha20-poly1305@openssh.com";
 
 /// One job server, as an agent's config names it (`[[servers]]` in `agent.toml`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ServerConfig {
-    /// `host:port`
-    pub address: String,
-    pub user: String,
-    /// The private key file the agent authenticates with.
-    pub key: PathBuf,
-    /// The server's public host key line (`ssh-ed25519 AAAA... comment`), pinned.
-    pub host_key: String,
-    /// The spool's path on the server, as SFTP sees it (`/` in a chroot).
-    pub spool: String,
-}
+pub use crate::agent_config::Server as ServerConfig;
 
 /// Timeouts and keepalives.
 #[derive(Debug, Clone, PartialEq, Eq)]
