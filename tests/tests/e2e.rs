@@ -250,20 +250,21 @@ impl Rig {
 
     /// A PXE-booted VM with an empty disk; `name` is its agent id.
     fn machine(&self, name: &str) -> Result<Vm> {
+        let disk = self.path(&format!("{name}.qcow2"));
+        create_disk(&disk, DISK_MIB, DiskFormat::Qcow2)?;
+        self.boot(Qemu::new(name).disk(&disk), name, "")
+    }
+
+    /// PXE-boots `vm` into the initramfs with `extra` on the kernel command line.
+    fn boot(&self, vm: Qemu, name: &str, extra: &str) -> Result<Vm> {
         let k = kernel()?;
         let tftp = pxe_dir(
             &self.path(&format!("pxe-{name}")),
             &k.vmlinuz,
             &self.initramfs,
-            &format!("{CMDLINE} kiln.id={name}"),
+            &format!("{CMDLINE} kiln.id={name} {extra}"),
         )?;
-        let disk = self.path(&format!("{name}.qcow2"));
-        create_disk(&disk, DISK_MIB, DiskFormat::Qcow2)?;
-        Qemu::new(name)
-            .memory_mib(1024)
-            .pxe(&tftp, BOOT_SCRIPT)
-            .disk(&disk)
-            .spawn()
+        vm.memory_mib(1024).pxe(&tftp, BOOT_SCRIPT).spawn()
     }
 
     fn views(&self) -> Result<Vec<JobView>> {
@@ -663,4 +664,48 @@ fn a_payload_that_fails_its_hash_fails_the_job_and_the_machine_goes_on() {
         .find("kiln: claimed good on ")
         .expect("the machine claims the next job");
     assert!(failed_at < good_at, "the next job came after the failure");
+}
+
+#[test]
+fn fatal_errors_are_explained_then_reboot_or_keep_a_rescue_shell() {
+    if skip() {
+        return;
+    }
+    let _one = one_at_a_time();
+    let rig = Rig::new("fatal").unwrap();
+
+    let vm = rig.boot(Qemu::new("diskless"), "diskless", "").unwrap();
+    let console = vm
+        .wait_for_serial(BOOT_TIMEOUT, "kiln: rebooting in 10s")
+        .unwrap();
+    assert!(
+        console.contains("kiln: FATAL: no disk for disk = \"auto\""),
+        "the console names the reason"
+    );
+    // The guest reboots; with -no-reboot QEMU ends.
+    vm.wait_exit(Duration::from_secs(60))
+        .expect("the machine reboots after the delay");
+    drop(vm);
+
+    // A bad kernel command line is as fatal; kiln.debug=1 keeps a shell.
+    let vm = rig
+        .boot(
+            Qemu::new("bad-cmdline"),
+            "bad-cmdline",
+            "kiln.poll_interval=soon kiln.debug=1",
+        )
+        .unwrap();
+    let console = vm
+        .wait_for_serial(BOOT_TIMEOUT, "kiln.debug=1: rescue shell on the console")
+        .unwrap();
+    let fatal = console
+        .lines()
+        .find(|l| l.starts_with("kiln: FATAL: /proc/cmdline: "))
+        .unwrap_or_else(|| panic!("no FATAL line for the command line:\n{console}"));
+    assert!(fatal.contains("kiln.poll_interval"), "{fatal}");
+    assert!(
+        !console.contains("kiln: rebooting"),
+        "a debug machine keeps its shell"
+    );
+    assert!(vm.exit_status().unwrap().is_none(), "the machine stays up");
 }
