@@ -265,7 +265,10 @@ fn do_job(
                             failed_in.get_or_insert(p);
                         }
                     }
-                    EventKind::Finished { .. } => open = None,
+                    EventKind::Finished { seconds } => {
+                        open = None;
+                        say(&format!("{}: {} done in {seconds:.1}s", lease.job, e.phase));
+                    }
                     _ => {}
                 }
                 shared.set(|st| {
