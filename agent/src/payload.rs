@@ -225,7 +225,7 @@ fn apply_entry<R: Read>(
             set_owner_mode(&f, uid, gid, mode).map_err(io_err("setting owner and mode"))?;
             set_xattrs(&f, &xattrs)?;
             let t = libc::timespec {
-                tv_sec: mtime as libc::time_t,
+                tv_sec: mtime as _,
                 tv_nsec: 0,
             };
             // SAFETY: futimens reads two timespecs for an open descriptor.

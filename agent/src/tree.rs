@@ -370,7 +370,7 @@ impl Slot {
     /// Modification time of the entry itself, never a symlink's target.
     pub fn set_mtime(&self, secs: u64) -> io::Result<()> {
         let t = libc::timespec {
-            tv_sec: secs as libc::time_t,
+            tv_sec: secs as _,
             tv_nsec: 0,
         };
         let times = [t, t];
