@@ -11,6 +11,7 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::Path;
+use std::sync::mpsc;
 
 use crate::claim::{check_lease, LeaseCheck, SpoolError};
 use crate::lease::{check_token, Lease};
@@ -151,7 +152,7 @@ pub fn upload(
         });
     }
     let image_name = image.display().to_string();
-    let mut file = io_ctx(File::open(image), || format!("opening {image_name}"))?;
+    let file = io_ctx(File::open(image), || format!("opening {image_name}"))?;
     let total = io_ctx(file.metadata(), || format!("reading {image_name}"))?.len();
     if total != manifest.image_size {
         return Err(UploadError::Image {
@@ -173,85 +174,38 @@ pub fn upload(
             .into_iter()
             .collect();
 
-    let mut state = UploadProgress {
-        chunk: 0,
-        chunks,
-        bytes_done: 0,
-        bytes_total: total,
-        sent: 0,
-        skipped: 0,
-    };
-    let mut list = ChunkList {
-        chunk_size,
-        total_size: total,
-        chunks: Vec::with_capacity(chunks),
-    };
-    let mut whole = blake3::Hasher::new();
-    let mut bytes_sent = 0u64;
-    let mut buf = vec![0u8; BUFFER];
-
-    for i in 0..chunks {
-        state.chunk = i;
-        ensure_held(fs, lease)?;
-        let size = chunk_size.min(total - i as u64 * chunk_size);
-        let name = chunk_name(i);
-        let path = format!("{dir}/{name}");
-        let held = if present.contains(&name) {
-            io_ctx(fs.size(&path), || format!("reading {path}"))?
-        } else {
-            None
-        };
-        let mut hasher = blake3::Hasher::new();
-        if held == Some(size) {
-            // Whole on the server already: only hash it here.
-            let mut left = size;
-            while left > 0 {
-                let n = left.min(BUFFER as u64) as usize;
-                io_ctx(file.read_exact(&mut buf[..n]), || {
-                    format!("reading {image_name}")
-                })?;
-                hasher.update(&buf[..n]);
-                whole.update(&buf[..n]);
-                left -= n as u64;
-            }
-            state.skipped += 1;
-            state.bytes_done += size;
-        } else {
-            if held.is_some() {
-                // Cannot come from this uploader (chunks appear whole), but
-                // a wrong size under the final name must not stay.
-                io_ctx(fs.remove(&path), || format!("removing {path}"))?;
-            }
-            let tmp = temp_name(&path);
-            let result = send_chunk(
-                fs,
-                &mut file,
-                &image_name,
-                &tmp,
-                size,
-                &mut buf,
-                &mut [&mut hasher, &mut whole],
-                &mut |n| {
-                    state.bytes_done += n;
-                    progress(&state);
-                },
-            )
-            .and_then(|()| finish_chunk(fs, &tmp, &path, size));
-            if result.is_err() {
-                let _ = fs.remove(&tmp);
-            }
-            result?;
-            state.sent += 1;
-            bytes_sent += size;
-        }
-        list.chunks.push(Chunk {
-            size,
-            blake3: hasher.finalize().to_hex().to_string(),
-        });
-        progress(&state);
+    // The image is read and hashed on a thread of its own, a few buffers
+    // ahead, while this one only talks to the server.
+    let (piece_tx, pieces) = mpsc::sync_channel::<Piece>(READ_AHEAD);
+    let (free, free_rx) = mpsc::channel::<Vec<u8>>();
+    for _ in 0..READ_AHEAD {
+        let _ = free.send(vec![0u8; BUFFER]);
     }
+    let (sent, image_blake3) = std::thread::scope(|scope| {
+        scope.spawn(move || read_image(file, total, chunk_size, &free_rx, &piece_tx));
+        // Owned here, so that they close when sending stops (for an error
+        // too) and the reading thread, blocked on either, ends.
+        let (pieces, free) = (pieces, free);
+        send_image(
+            fs,
+            lease,
+            &dir,
+            &present,
+            &image_name,
+            total,
+            chunk_size,
+            &pieces,
+            &free,
+            progress,
+        )
+    })?;
+    let SendReport {
+        list,
+        sent,
+        skipped,
+        bytes_sent,
+    } = sent;
 
-    let image_blake3 = whole.finalize().to_hex().to_string();
     if image_blake3 != manifest.image_blake3 {
         return Err(UploadError::Image {
             path: image_name,
@@ -284,43 +238,221 @@ pub fn upload(
     Ok(UploadReport {
         dir,
         chunks,
-        sent: state.sent,
-        skipped: state.skipped,
+        sent,
+        skipped,
         bytes_sent,
         image_size: total,
         image_blake3,
     })
 }
 
-/// Streams `size` bytes of `image` into a new file `tmp`, hashing on the way.
+/// Buffers in flight between the reading thread and the sending one.
+const READ_AHEAD: usize = 4;
+
+/// What the reading thread hands over, in image order.
+enum Piece {
+    /// The next bytes of the current chunk: `.0[..n]`.
+    Data(Vec<u8>, usize),
+    /// The current chunk is complete; its BLAKE3.
+    ChunkEnd(String),
+    /// The whole image is read; its BLAKE3.
+    End(String),
+    Failed(io::Error),
+}
+
+/// Reads the image chunk by chunk into buffers taken from `free`, hashing
+/// each chunk and the whole image, and hands the buffers on. Stops quietly
+/// when the sending side is gone.
+fn read_image(
+    mut file: File,
+    total: u64,
+    chunk_size: u64,
+    free: &mpsc::Receiver<Vec<u8>>,
+    out: &mpsc::SyncSender<Piece>,
+) {
+    let mut whole = blake3::Hasher::new();
+    let mut offset = 0u64;
+    while offset < total {
+        let size = chunk_size.min(total - offset);
+        let mut hasher = blake3::Hasher::new();
+        let mut left = size;
+        while left > 0 {
+            let Ok(mut buf) = free.recv() else { return };
+            let n = left.min(buf.len() as u64) as usize;
+            if let Err(e) = file.read_exact(&mut buf[..n]) {
+                let _ = out.send(Piece::Failed(e));
+                return;
+            }
+            hasher.update(&buf[..n]);
+            whole.update(&buf[..n]);
+            left -= n as u64;
+            if out.send(Piece::Data(buf, n)).is_err() {
+                return;
+            }
+        }
+        offset += size;
+        if out
+            .send(Piece::ChunkEnd(hasher.finalize().to_hex().to_string()))
+            .is_err()
+        {
+            return;
+        }
+    }
+    let _ = out.send(Piece::End(whole.finalize().to_hex().to_string()));
+}
+
+struct SendReport {
+    list: ChunkList,
+    sent: usize,
+    skipped: usize,
+    bytes_sent: u64,
+}
+
+/// The next piece from the reading thread; a read error comes back as the
+/// error it is.
+fn next_piece(pieces: &mpsc::Receiver<Piece>, image_name: &str) -> Result<Piece, UploadError> {
+    match pieces.recv() {
+        Ok(Piece::Failed(source)) => Err(UploadError::Io {
+            what: format!("reading {image_name}"),
+            source,
+        }),
+        Ok(p) => Ok(p),
+        Err(_) => Err(UploadError::Io {
+            what: format!("reading {image_name}"),
+            source: io::Error::other("the reading thread stopped"),
+        }),
+    }
+}
+
+fn out_of_order(image_name: &str) -> UploadError {
+    UploadError::Io {
+        what: format!("reading {image_name}"),
+        source: io::Error::other("pieces of the image arrived out of order"),
+    }
+}
+
+/// Sends, chunk by chunk, what the reading thread hands over: chunks the
+/// server holds whole are skipped, the others written under a temporary
+/// name and renamed. Returns the chunk list and the whole image's BLAKE3.
 #[allow(clippy::too_many_arguments)]
+fn send_image(
+    fs: &dyn SpoolFs,
+    lease: &Lease,
+    dir: &str,
+    present: &std::collections::HashSet<String>,
+    image_name: &str,
+    total: u64,
+    chunk_size: u64,
+    pieces: &mpsc::Receiver<Piece>,
+    free: &mpsc::Sender<Vec<u8>>,
+    progress: &mut dyn FnMut(&UploadProgress),
+) -> Result<(SendReport, String), UploadError> {
+    let chunks = total.div_ceil(chunk_size) as usize;
+    let mut state = UploadProgress {
+        chunk: 0,
+        chunks,
+        bytes_done: 0,
+        bytes_total: total,
+        sent: 0,
+        skipped: 0,
+    };
+    let mut list = ChunkList {
+        chunk_size,
+        total_size: total,
+        chunks: Vec::with_capacity(chunks),
+    };
+    let mut bytes_sent = 0u64;
+
+    for i in 0..chunks {
+        state.chunk = i;
+        ensure_held(fs, lease)?;
+        let size = chunk_size.min(total - i as u64 * chunk_size);
+        let name = chunk_name(i);
+        let path = format!("{dir}/{name}");
+        let held = if present.contains(&name) {
+            io_ctx(fs.size(&path), || format!("reading {path}"))?
+        } else {
+            None
+        };
+        let blake3 = if held == Some(size) {
+            // Whole on the server already: only hashed here.
+            let blake3 = loop {
+                match next_piece(pieces, image_name)? {
+                    Piece::Data(buf, _) => {
+                        let _ = free.send(buf);
+                    }
+                    Piece::ChunkEnd(b) => break b,
+                    _ => return Err(out_of_order(image_name)),
+                }
+            };
+            state.skipped += 1;
+            state.bytes_done += size;
+            blake3
+        } else {
+            if held.is_some() {
+                // Cannot come from this uploader (chunks appear whole), but
+                // a wrong size under the final name must not stay.
+                io_ctx(fs.remove(&path), || format!("removing {path}"))?;
+            }
+            let tmp = temp_name(&path);
+            let result = send_chunk(fs, &tmp, pieces, free, image_name, &mut |n| {
+                state.bytes_done += n;
+                progress(&state);
+            })
+            .and_then(|blake3| finish_chunk(fs, &tmp, &path, size).map(|()| blake3));
+            if result.is_err() {
+                let _ = fs.remove(&tmp);
+            }
+            let blake3 = result?;
+            state.sent += 1;
+            bytes_sent += size;
+            blake3
+        };
+        list.chunks.push(Chunk { size, blake3 });
+        progress(&state);
+    }
+    let image_blake3 = match next_piece(pieces, image_name)? {
+        Piece::End(b) => b,
+        _ => return Err(out_of_order(image_name)),
+    };
+    Ok((
+        SendReport {
+            list,
+            sent: state.sent,
+            skipped: state.skipped,
+            bytes_sent,
+        },
+        image_blake3,
+    ))
+}
+
+/// Streams one chunk, as the reading thread hands it over, into a new file
+/// `tmp`; returns the chunk's BLAKE3 once every byte is on the server.
 fn send_chunk(
     fs: &dyn SpoolFs,
-    image: &mut File,
-    image_name: &str,
     tmp: &str,
-    size: u64,
-    buf: &mut [u8],
-    hashers: &mut [&mut blake3::Hasher],
+    pieces: &mpsc::Receiver<Piece>,
+    free: &mpsc::Sender<Vec<u8>>,
+    image_name: &str,
     on_written: &mut dyn FnMut(u64),
-) -> Result<(), UploadError> {
+) -> Result<String, UploadError> {
     let mut out = io_ctx(fs.create_write(tmp), || format!("creating {tmp}"))?;
-    let mut left = size;
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        io_ctx(image.read_exact(&mut buf[..n]), || {
-            format!("reading {image_name}")
-        })?;
-        for h in hashers.iter_mut() {
-            h.update(&buf[..n]);
+    loop {
+        match next_piece(pieces, image_name)? {
+            Piece::Data(buf, n) => {
+                io_ctx(out.write_all(&buf[..n]), || format!("writing {tmp}"))?;
+                let _ = free.send(buf);
+                on_written(n as u64);
+            }
+            Piece::ChunkEnd(blake3) => {
+                // Once flushed, every byte of the chunk is on the server: it
+                // may take its final name.
+                io_ctx(out.flush(), || format!("writing {tmp}"))?;
+                return Ok(blake3);
+            }
+            _ => return Err(out_of_order(image_name)),
         }
-        io_ctx(out.write_all(&buf[..n]), || format!("writing {tmp}"))?;
-        left -= n as u64;
-        on_written(n as u64);
     }
-    // Once flushed, every byte of the chunk is on the server: it may take its final name.
-    io_ctx(out.flush(), || format!("writing {tmp}"))?;
-    Ok(())
 }
 
 /// Gives a whole chunk its final name. If the name is taken by a chunk of

@@ -10,9 +10,9 @@ use super::posix_rename::PosixRename;
 use super::session::{ServerConfig, SessionOptions, SshError, SshSession};
 use crate::spool::{temp_name, SpoolFs, TMP_PREFIX};
 
-/// Bytes handed to libssh2 per write: a multiple of its 30,000-byte SFTP
-/// packet, large enough that it keeps some hundred writes in flight.
-pub const WRITE_BUFFER: usize = 128 * 30_000;
+/// Bytes gathered before they go to libssh2 at once: a multiple of its
+/// 30,000-byte SFTP write.
+pub const WRITE_BUFFER: usize = 32 * 30_000;
 const READ_BUFFER: usize = 4 << 20;
 
 const FX_FAILURE: i32 = 4;
@@ -274,34 +274,96 @@ impl SpoolFs for SftpSpool {
     }
 }
 
-/// Collects writes into [`WRITE_BUFFER`]-sized pieces for libssh2, which
-/// pipelines each piece as many SFTP writes.
+/// Collects writes into [`WRITE_BUFFER`]-sized pieces and keeps libssh2's
+/// pipeline of SFTP writes full across them.
+///
+/// `libssh2_sftp_write` cuts what it is given into 30,000-byte SFTP writes,
+/// sends them all, and returns once the first is acknowledged. It is then
+/// called again with a slice that starts at the first byte it has not yet
+/// reported written: the part it already sent is skipped, never read again,
+/// and what follows goes out as new writes. So each piece is handed over
+/// behind `in_flight` bytes of placeholder (the front of `buf`, whatever it
+/// holds), and the writes of earlier pieces stay in flight while the next
+/// one is gathered, instead of draining the pipeline every piece.
 struct SftpWriter {
     file: Option<ssh2::File>,
+    /// `IN_FLIGHT` bytes of placeholder, then the piece being gathered.
     buf: Vec<u8>,
+    /// Bytes of the piece gathered so far, at `buf[IN_FLIGHT..]`.
+    len: usize,
+    /// Bytes handed to libssh2 that it has not reported written yet.
+    in_flight: usize,
 }
+
+/// How many bytes may stay in flight when the next piece is handed over: a
+/// few times the server's channel window, so that the server never waits.
+const IN_FLIGHT: usize = 4 << 20;
 
 impl SftpWriter {
     fn new(file: ssh2::File) -> Self {
         SftpWriter {
             file: Some(file),
-            buf: Vec::with_capacity(WRITE_BUFFER),
+            buf: vec![0; IN_FLIGHT + WRITE_BUFFER],
+            len: 0,
+            in_flight: 0,
         }
+    }
+
+    /// One call to libssh2 with the `len` bytes gathered (maybe none)
+    /// behind the bytes in flight; returns the bytes reported written.
+    fn write_once(&mut self, len: usize) -> io::Result<()> {
+        let in_flight = self.in_flight;
+        // Only the length of the placeholder counts, so when more is in
+        // flight than the placeholder holds, any slice that long will do.
+        let slice = if len == 0 {
+            &self.buf[..in_flight]
+        } else {
+            &self.buf[IN_FLIGHT - in_flight..IN_FLIGHT + len]
+        };
+        let file = self.file.as_mut().expect("writer used after close");
+        let n = match file.write(slice) {
+            Ok(n) => n,
+            Err(e) => {
+                // libssh2 forgets what was in flight after an error.
+                self.in_flight = 0;
+                self.len = 0;
+                return Err(e);
+            }
+        };
+        if n == 0 {
+            self.in_flight = 0;
+            self.len = 0;
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        self.in_flight = in_flight + len - n;
+        Ok(())
+    }
+
+    /// Hands the gathered piece to libssh2, first waiting for acknowledgements
+    /// until no more than `IN_FLIGHT` bytes are outstanding.
+    fn send_buffer(&mut self) -> io::Result<()> {
+        while self.in_flight > IN_FLIGHT {
+            self.write_once(0)?;
+        }
+        if self.len > 0 {
+            let len = self.len;
+            self.len = 0;
+            self.write_once(len)?;
+        }
+        Ok(())
+    }
+
+    /// Sends what is gathered and waits until the server acknowledged every write.
+    fn drain(&mut self) -> io::Result<()> {
+        self.send_buffer()?;
+        while self.in_flight > 0 {
+            self.write_once(0)?;
+        }
+        Ok(())
     }
 
     fn file(&mut self) -> &mut ssh2::File {
         self.file.as_mut().expect("writer used after close")
-    }
-
-    fn send_buffer(&mut self) -> io::Result<()> {
-        if !self.buf.is_empty() {
-            let buf = std::mem::take(&mut self.buf);
-            let r = self.file().write_all(&buf);
-            self.buf = buf;
-            self.buf.clear();
-            r?;
-        }
-        Ok(())
     }
 
     /// Flushes, syncs (`fsync@openssh.com`) and closes, reporting errors
@@ -320,15 +382,11 @@ impl SftpWriter {
 
 impl Write for SftpWriter {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        if self.buf.is_empty() && data.len() >= WRITE_BUFFER {
-            // Big writes go straight through, in whole buffers.
-            let n = data.len() - data.len() % WRITE_BUFFER;
-            self.file().write_all(&data[..n])?;
-            return Ok(n);
-        }
-        let n = data.len().min(WRITE_BUFFER - self.buf.len());
-        self.buf.extend_from_slice(&data[..n]);
-        if self.buf.len() == WRITE_BUFFER {
+        let n = data.len().min(WRITE_BUFFER - self.len);
+        let at = IN_FLIGHT + self.len;
+        self.buf[at..at + n].copy_from_slice(&data[..n]);
+        self.len += n;
+        if self.len == WRITE_BUFFER {
             self.send_buffer()?;
         }
         Ok(n)
@@ -339,14 +397,14 @@ impl Write for SftpWriter {
         // fsync here: for image chunks it halves the throughput, and a chunk
         // that a server crash truncates is caught by its size on resume or
         // by its BLAKE3 when the master verifies the upload.
-        self.send_buffer()
+        self.drain()
     }
 }
 
 impl Drop for SftpWriter {
     fn drop(&mut self) {
         if self.file.is_some() {
-            let _ = self.send_buffer();
+            let _ = self.drain();
             if let Some(mut f) = self.file.take() {
                 let _ = f.close();
             }
