@@ -50,6 +50,14 @@ depends_of_candidate() {
 
 real="$(depends_of_candidate linux-image-amd64 || true)"
 if [ -z "$real" ]; then
+  # A machine with every package installed may still have empty apt lists.
+  echo "fetch-kernel: apt does not know linux-image-amd64 yet; running apt-get update" >&2
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq || true
+  real="$(depends_of_candidate linux-image-amd64 || true)"
+fi
+if [ -z "$real" ]; then
   echo "fetch-kernel: apt does not know linux-image-amd64; run scripts/install-deps.sh (it runs apt-get update)" >&2
   exit 1
 fi
