@@ -61,4 +61,5 @@ awk -v s="$size" -v a="$t0" -v b="$t1" -v c="$t2" -v d="$t3" \
     printf "%-28s %8.2f %10.0f %14d %14.0f\n", "kiln-agent capture (zstd 1)", k, s / k / 1e6, ki, r
     printf "%-28s %8.2f %10.0f %14d %14.0f\n", "dd bs=4M | zstd -1 -T0", z, s / z / 1e6, di, s
     printf "speed-up %.1fx, image size ratio %.3f\n", z / k, ki / di
+    printf "target: at least 3x faster with an image no larger: %s\n", (z / k >= 3 && ki <= di) ? "met" : "MISSED"
 }'

@@ -304,5 +304,6 @@ fn measure(root: &Path) -> anyhow::Result<()> {
         .and_then(|n| n.parse().ok())
         .unwrap_or(f64::NAN);
     println!("peak memory (VmHWM): {:.1} MiB", kib / 1024.0);
+    println!("targets: under 16 ms per frame and under 100 MiB of memory");
     Ok(())
 }

@@ -161,7 +161,7 @@ fn main() -> Result<()> {
         for (tool, t) in tools.iter().zip(&medians) {
             if tool != "kiln" {
                 println!(
-                    "kiln is {:.0}% of {tool}'s throughput",
+                    "kiln is {:.0}% of {tool}'s throughput (target at least 90%)",
                     t.as_secs_f64() / medians[k].as_secs_f64() * 100.0
                 );
             }
