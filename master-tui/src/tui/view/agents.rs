@@ -1,12 +1,11 @@
 //! The Agents pane: every agent seen in status records and history.
 
 use ratatui::layout::{Constraint, Rect};
-use ratatui::text::Span;
-use ratatui::widgets::{Cell, HighlightSpacing, Paragraph, Row, Table, TableState};
+use ratatui::widgets::{Cell, HighlightSpacing, Row, Table, TableState};
 use ratatui::Frame;
 
 use super::theme::Theme;
-use super::{age, pane_block, window};
+use super::{age, pane_block, placeholder, window};
 use crate::tui::app::App;
 
 pub fn draw(app: &App, theme: Theme, f: &mut Frame, area: Rect, focused: bool) {
@@ -14,12 +13,7 @@ pub fn draw(app: &App, theme: Theme, f: &mut Frame, area: Rect, focused: bool) {
     let inner = block.inner(area);
     f.render_widget(block, area);
     if app.agent_rows.is_empty() {
-        let text = if app.loaded {
-            "no agent has reported yet"
-        } else {
-            "reading the spool…"
-        };
-        f.render_widget(Paragraph::new(Span::styled(text, theme.dim())), inner);
+        placeholder(app, theme, f, inner, "no agent has reported yet");
         return;
     }
     let widths = [

@@ -11,7 +11,7 @@ use ratatui::widgets::{Paragraph, Wrap};
 use ratatui::Frame;
 
 use super::theme::Theme;
-use super::{age, gauge, pane_block};
+use super::{age, gauge, pane_block, placeholder};
 use crate::tui::app::{App, Mode};
 use crate::tui::spool_state::Detail;
 
@@ -24,12 +24,7 @@ pub fn draw(app: &App, theme: Theme, f: &mut Frame, area: Rect, focused: bool) {
     let inner = block.inner(area);
     f.render_widget(block, area);
     let Some(job) = app.selected() else {
-        let text = if app.loaded {
-            "no job selected"
-        } else {
-            "reading the spool…"
-        };
-        f.render_widget(Paragraph::new(Span::styled(text, theme.dim())), inner);
+        placeholder(app, theme, f, inner, "no job selected");
         return;
     };
     let mut lines = status_lines(app, theme, job);

@@ -2,12 +2,11 @@
 
 use kiln_protocol::units::human_bytes;
 use ratatui::layout::{Constraint, Rect};
-use ratatui::text::Span;
-use ratatui::widgets::{Cell, HighlightSpacing, Paragraph, Row, Table, TableState};
+use ratatui::widgets::{Cell, HighlightSpacing, Row, Table, TableState};
 use ratatui::Frame;
 
 use super::theme::Theme;
-use super::{age, pane_block, window};
+use super::{age, pane_block, placeholder, window};
 use crate::tui::app::App;
 
 pub fn draw(app: &App, theme: Theme, f: &mut Frame, area: Rect, focused: bool) {
@@ -15,12 +14,7 @@ pub fn draw(app: &App, theme: Theme, f: &mut Frame, area: Rect, focused: bool) {
     let inner = block.inner(area);
     f.render_widget(block, area);
     if app.image_rows.is_empty() {
-        let text = if app.loaded {
-            "no image published yet"
-        } else {
-            "reading the spool…"
-        };
-        f.render_widget(Paragraph::new(Span::styled(text, theme.dim())), inner);
+        placeholder(app, theme, f, inner, "no image published yet");
         return;
     }
     // The hash gets what room is left; a prefix is enough to tell images apart.

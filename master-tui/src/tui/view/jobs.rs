@@ -10,7 +10,7 @@ use ratatui::widgets::{Cell, HighlightSpacing, Paragraph, Row, Table, TableState
 use ratatui::Frame;
 
 use super::theme::Theme;
-use super::{age, gauge, pane_block, window};
+use super::{age, gauge, pane_block, placeholder, window};
 use crate::tui::app::App;
 
 /// A lease with less than this left, or less than a tenth of its time, is close.
@@ -21,14 +21,12 @@ pub fn draw(app: &App, theme: Theme, f: &mut Frame, area: Rect, focused: bool) {
     let inner = block.inner(area);
     f.render_widget(block, area);
     if app.job_rows.is_empty() {
-        let text = if !app.loaded {
-            "reading the spool…"
-        } else if app.filter.is_empty() {
+        let empty = if app.filter.is_empty() {
             "no jobs yet: press a to add one, or run `kiln-master add FILE`"
         } else {
             "no job matches the filter (Esc clears it)"
         };
-        f.render_widget(Paragraph::new(Span::styled(text, theme.dim())), inner);
+        placeholder(app, theme, f, inner, empty);
         return;
     }
 

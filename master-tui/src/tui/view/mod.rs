@@ -65,6 +65,17 @@ fn draw_pane(app: &App, theme: Theme, f: &mut Frame, pane: Pane, area: Rect) {
 }
 
 /// A pane's frame: its title, a count, and the filter when one applies.
+/// Fills an empty pane with a dim line: "reading the spool…" until the first
+/// read arrives, then `empty`, which says why there is nothing to show.
+fn placeholder(app: &App, theme: Theme, f: &mut Frame, area: Rect, empty: &str) {
+    let text = if app.loaded {
+        empty
+    } else {
+        "reading the spool…"
+    };
+    f.render_widget(Paragraph::new(Span::styled(text, theme.dim())), area);
+}
+
 fn pane_block(
     app: &App,
     theme: Theme,
