@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-use kiln_protocol::job::{FsKind, JobSpec};
-use kiln_protocol::manifest::{ImageManifest, PhaseTime};
-use kiln_protocol::time::Timestamp;
+use kiln_spool::job::{FsKind, JobSpec};
+use kiln_spool::manifest::{ImageManifest, PhaseTime};
+use kiln_spool::time::Timestamp;
 
 use crate::capture::{capture, CaptureOptions};
 use crate::configure::{configure, mount_depth, FsEntry};
@@ -329,7 +329,7 @@ fn destructive(
             let needs_pseudo = job
                 .steps
                 .iter()
-                .any(|s| s.place == kiln_protocol::job::StepPlace::Target);
+                .any(|s| s.place == kiln_spool::job::StepPlace::Target);
             let _pseudo = if needs_pseudo {
                 Some(PseudoMounts::new(&root_dir)?)
             } else {

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use kiln_protocol::job::{Configure, FsKind, User};
+use kiln_spool::job::{Configure, FsKind, User};
 
 use crate::disk::mkfs::FsId;
 use crate::disk::plan::PlannedPartition;

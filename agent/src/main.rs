@@ -11,8 +11,8 @@ use kiln_agent::capture::{capture, CaptureOptions};
 use kiln_agent::joblog::JobLog;
 use kiln_agent::progress::Reporter;
 use kiln_agent::{build, manifest_path_for, BuildRequest, Error};
-use kiln_protocol::manifest::ImageManifest;
-use kiln_protocol::time::Timestamp;
+use kiln_spool::manifest::ImageManifest;
+use kiln_spool::time::Timestamp;
 
 #[derive(Parser)]
 #[command(version, about = "Builds OS images on this machine's disk")]
@@ -91,7 +91,7 @@ enum Cmd {
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
-    kiln_protocol::units::parse_bytes(s)
+    kiln_spool::units::parse_bytes(s)
 }
 
 fn main() -> ExitCode {
@@ -179,7 +179,7 @@ fn run_build(
 ) -> Result<(), Error> {
     let job_text = std::fs::read_to_string(job_path)
         .map_err(|e| Error::Input(format!("{}: cannot read: {e}", job_path.display())))?;
-    let job = kiln_protocol::parse_job(&job_text)
+    let job = kiln_spool::parse_job(&job_text)
         .map_err(|e| Error::Input(e.in_file(job_path).to_string()))?;
     if !disk.exists() {
         let Some(size) = disk_size else {
@@ -188,7 +188,7 @@ fn run_build(
                 disk.display()
             )));
         };
-        let bytes = kiln_protocol::units::parse_bytes(size)
+        let bytes = kiln_spool::units::parse_bytes(size)
             .map_err(|e| Error::Input(format!("--disk-size: {e}")))?;
         let f = std::fs::File::create(disk)
             .map_err(|e| Error::Input(format!("creating disk image {}: {e}", disk.display())))?;
@@ -283,7 +283,7 @@ fn run_capture(
         payloads: vec![],
         started,
         finished: Timestamp::now(),
-        phases: vec![kiln_protocol::manifest::PhaseTime {
+        phases: vec![kiln_spool::manifest::PhaseTime {
             name: "capture".into(),
             seconds,
         }],
@@ -313,7 +313,7 @@ fn agent_run(
     chunk_size: u64,
 ) -> ExitCode {
     use kiln_agent::run::{default_agent_id, run, Outcome, RunOptions};
-    let mut cfg = match kiln_protocol::agent_config::load_agent_config(config) {
+    let mut cfg = match kiln_spool::agent_config::load_agent_config(config) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("kiln-agent: {e}");
@@ -341,7 +341,7 @@ fn agent_run(
         disk,
         work_dir: work_dir.to_path_buf(),
         once,
-        upload: kiln_protocol::uploader::UploadOptions { chunk_size },
+        upload: kiln_spool::agent::uploader::UploadOptions { chunk_size },
         session: Default::default(),
     };
     let stop = std::sync::Arc::new(AtomicBool::new(false));

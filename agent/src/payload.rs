@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use kiln_protocol::job::Payload;
-use kiln_protocol::manifest::PayloadHash;
+use kiln_spool::job::Payload;
+use kiln_spool::manifest::PayloadHash;
 use tar::EntryType;
 
 use crate::error::{check_abort, Context, Error, Result};

@@ -163,8 +163,8 @@ impl Reporter {
                             "{}: {}% ({} of {})",
                             e.phase,
                             tenth * 10,
-                            kiln_protocol::units::human_bytes(*done),
-                            kiln_protocol::units::human_bytes(*total)
+                            kiln_spool::units::human_bytes(*done),
+                            kiln_spool::units::human_bytes(*total)
                         );
                     }
                 }

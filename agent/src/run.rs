@@ -12,15 +12,15 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use kiln_protocol::agent_config::{AgentConfig, Server};
-use kiln_protocol::claim::{claim_next, heartbeat, LeaseCheck};
-use kiln_protocol::job::{parse_job, JobSpec};
-use kiln_protocol::lease::Lease;
-use kiln_protocol::sftp::{SessionOptions, SftpSpool};
-use kiln_protocol::spool::{job_path, log_path, payload_path, SpoolFs};
-use kiln_protocol::status::{AgentState, Status};
-use kiln_protocol::time::Timestamp;
-use kiln_protocol::uploader::{upload, UploadOptions};
+use kiln_spool::agent_config::{AgentConfig, Server};
+use kiln_spool::agent::claim::{claim_next, heartbeat, LeaseCheck};
+use kiln_spool::job::{parse_job, JobSpec};
+use kiln_spool::lease::Lease;
+use kiln_spool::sftp::{SessionOptions, SftpSpool};
+use kiln_spool::spool::{job_path, log_path, payload_path, SpoolFs};
+use kiln_spool::status::{AgentState, Status};
+use kiln_spool::time::Timestamp;
+use kiln_spool::agent::uploader::{upload, UploadOptions};
 
 use crate::joblog::JobLog;
 use crate::progress::{Event, EventKind};
@@ -409,12 +409,12 @@ fn upload_resuming(
     spool: &SftpSpool,
     lease: &Lease,
     image: &Path,
-    manifest: &kiln_protocol::manifest::ImageManifest,
+    manifest: &kiln_spool::manifest::ImageManifest,
     log_file: &Path,
     shared: &Shared,
     log: &JobLog,
     watch_stop: &dyn Fn(),
-) -> Result<kiln_protocol::uploader::UploadReport> {
+) -> Result<kiln_spool::agent::uploader::UploadReport> {
     let mut fresh: Option<SftpSpool> = None;
     let mut retry = 0;
     loop {

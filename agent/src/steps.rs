@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use kiln_protocol::job::{Step, StepPlace};
+use kiln_spool::job::{Step, StepPlace};
 
 use crate::disk::mount::Mount;
 use crate::error::{Context, Error, Result};
@@ -135,7 +135,7 @@ pub fn run_step(
             }));
         }
     }
-    let limit = step.time_limit.0;
+    let limit = step.time_limit.as_duration();
     let deadline = Instant::now() + limit;
     let pgid = child.id() as libc::pid_t;
     let status = loop {

@@ -7,7 +7,7 @@ use std::io::{BufReader, Read};
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
-use kiln_protocol::manifest::ImageManifest;
+use kiln_spool::manifest::ImageManifest;
 
 use crate::error::{check_abort, Context, Error, Result};
 use crate::progress::{Event, Phase, Throttle};

@@ -340,7 +340,7 @@ fn a_full_build_captures_the_system_the_job_describes() {
     drop(_root_m);
 
     // The manifest matches the image, and `verify` says so.
-    let m = kiln_protocol::manifest::ImageManifest::parse(
+    let m = kiln_spool::manifest::ImageManifest::parse(
         &std::fs::read_to_string(dir.join("image.manifest.toml")).unwrap(),
     )
     .unwrap();

@@ -64,7 +64,7 @@ fn a_mostly_empty_4gib_disk_captures_small_and_reads_little() {
         String::from_utf8_lossy(&out.stderr)
     );
     let mtext = std::fs::read_to_string(dir.join("disk.manifest.toml")).unwrap();
-    let m = kiln_protocol::manifest::ImageManifest::parse(&mtext).unwrap();
+    let m = kiln_spool::manifest::ImageManifest::parse(&mtext).unwrap();
     assert_eq!(m.disk_size, 4 << 30);
     assert!(
         m.bytes_read < 1 << 30,

@@ -9,14 +9,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kiln_e2e::sshd::{skip_without_sshd, TestSshd};
-use kiln_protocol::claim::read_status;
-use kiln_protocol::lease::Lease;
-use kiln_protocol::master::{self, job_view, read_history, JobState};
-use kiln_protocol::publish::reap;
-use kiln_protocol::status::AgentState;
-use kiln_protocol::time::Timestamp;
-use kiln_protocol::uploader::{upload, UploadOptions};
-use kiln_protocol::{LocalSpool, SpoolFs};
+use kiln_spool::status::read_status;
+use kiln_spool::lease::Lease;
+use kiln_spool::master::{self, job_view, read_history, JobState};
+use kiln_spool::master::reap;
+use kiln_spool::status::AgentState;
+use kiln_spool::time::Timestamp;
+use kiln_spool::agent::uploader::{upload, UploadOptions};
+use kiln_spool::{LocalSpool, SpoolFs};
 
 use common::AGENT;
 
@@ -328,7 +328,7 @@ fn a_killed_agent_is_reaped_and_its_late_upload_refused() {
     // upload planted under its token is refused by the master.
     let image = first.dir.path().join("late.raw.zst");
     std::fs::write(&image, b"late image").unwrap();
-    let manifest = kiln_protocol::manifest::ImageManifest {
+    let manifest = kiln_spool::manifest::ImageManifest {
         format: "raw.zst".into(),
         job: "slow".into(),
         job_blake3: String::new(),

@@ -12,17 +12,17 @@ use std::time::{Duration, Instant};
 
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use kiln_master::tui::{update, view, App, Effect, Msg, SpoolState};
-use kiln_protocol::lease::Lease;
-use kiln_protocol::manifest::{DataRange, ImageManifest};
-use kiln_protocol::master::{init, write_job_list, HistoryRecord};
-use kiln_protocol::publish::reap;
-use kiln_protocol::queue::{Entry, EntryState, JobList};
-use kiln_protocol::spool::{history_path, image_dir, job_path, lease_path, log_path, status_path};
-use kiln_protocol::status::{AgentState, Status};
-use kiln_protocol::time::Timestamp;
-use kiln_protocol::units::Span;
-use kiln_protocol::upload::{Published, MANIFEST, PUBLISHED};
-use kiln_protocol::LocalSpool;
+use kiln_spool::lease::Lease;
+use kiln_spool::manifest::{DataRange, ImageManifest};
+use kiln_spool::master::{init, write_job_list, HistoryRecord};
+use kiln_spool::master::reap;
+use kiln_spool::queue::{Entry, EntryState, JobList};
+use kiln_spool::spool::{history_path, image_dir, job_path, lease_path, log_path, status_path};
+use kiln_spool::status::{AgentState, Status};
+use kiln_spool::time::Timestamp;
+use kiln_spool::units::TimeLimit;
+use kiln_spool::upload::{Published, MANIFEST, PUBLISHED};
+use kiln_spool::LocalSpool;
 use ratatui::backend::TestBackend;
 use ratatui::Terminal;
 
@@ -92,7 +92,7 @@ fn build(root: &Path, jobs: usize, agents: usize) -> anyhow::Result<()> {
             },
             attempts: 0,
             max_attempts: 3,
-            time_limit: Span::from_secs(3600),
+            time_limit: TimeLimit::default(),
             submitted: Timestamp(t0 + (i as u64 % 3600)),
             blake3: blake3::hash(text.as_bytes()).to_hex().to_string(),
             message: String::new(),
@@ -125,7 +125,7 @@ fn build(root: &Path, jobs: usize, agents: usize) -> anyhow::Result<()> {
             id,
             &agent,
             Timestamp(t0 + 3000),
-            Duration::from_secs(3600),
+            TimeLimit::default(),
             1,
         );
         put(root, &lease_path(id), lease.to_toml().as_bytes())?;
@@ -228,7 +228,7 @@ fn measure(root: &Path) -> anyhow::Result<()> {
     let mut views = Vec::new();
     for _ in 0..3 {
         let t = Instant::now();
-        kiln_protocol::master::job_views(&spool, app.now)?;
+        kiln_spool::master::job_views(&spool, app.now)?;
         views.push(t.elapsed());
     }
     views.sort();

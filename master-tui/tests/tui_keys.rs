@@ -9,10 +9,11 @@ use std::process::Command;
 
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use kiln_master::tui::{settle, update, App, Mode, Msg, Pane};
-use kiln_protocol::claim::{read_job_list, read_lease};
-use kiln_protocol::queue::{EntryState, JobList};
-use kiln_protocol::spool::{lease_path, JOB_LIST};
-use kiln_protocol::{LocalSpool, SpoolFs};
+use kiln_spool::queue::read_job_list;
+use kiln_spool::lease::read_lease;
+use kiln_spool::queue::{EntryState, JobList};
+use kiln_spool::spool::{lease_path, JOB_LIST};
+use kiln_spool::{LocalSpool, SpoolFs};
 
 fn key(app: &mut App, code: KeyCode) {
     let effects = update(app, Msg::Key(KeyEvent::new(code, KeyModifiers::NONE)));
@@ -40,7 +41,7 @@ fn list(root: &Path) -> JobList {
     read_job_list(&LocalSpool::new(root)).unwrap()
 }
 
-fn entry(root: &Path, id: &str) -> kiln_protocol::queue::Entry {
+fn entry(root: &Path, id: &str) -> kiln_spool::queue::Entry {
     list(root)
         .get(id)
         .cloned()

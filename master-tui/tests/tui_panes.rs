@@ -173,7 +173,7 @@ fn ticks_count_the_lease_down() {
     assert!(screen(&app, 160, 48).contains(" 1m00s"));
     let effects = update(
         &mut app,
-        Msg::Tick(kiln_protocol::time::Timestamp(tui_fixture::NOW.0 + 75)),
+        Msg::Tick(kiln_spool::time::Timestamp(tui_fixture::NOW.0 + 75)),
     );
     assert!(effects.is_empty());
     assert!(screen(&app, 160, 48).contains("-15s"));

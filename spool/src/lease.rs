@@ -1,10 +1,12 @@
 //! A lease: one agent's claim on one job, with a fencing token and a deadline.
 
-use std::time::Duration;
-
 use serde::{Deserialize, Serialize};
 
 use crate::time::Timestamp;
+use crate::units::TimeLimit;
+
+use crate::error::{IoContext, Result, SpoolError};
+use crate::spool::{lease_path, SpoolFs};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -21,13 +23,19 @@ pub struct Lease {
 
 impl Lease {
     /// A new lease with a fresh random token.
-    pub fn new(job: &str, agent: &str, now: Timestamp, time_limit: Duration, attempt: u32) -> Self {
+    pub fn new(
+        job: &str,
+        agent: &str,
+        now: Timestamp,
+        time_limit: TimeLimit,
+        attempt: u32,
+    ) -> Self {
         Lease {
             job: job.to_string(),
             agent: agent.to_string(),
             token: format!("{attempt}-{}", crate::spool::random_hex(12)),
             acquired: now,
-            deadline: now.plus(time_limit),
+            deadline: now.plus(time_limit.as_duration()),
             attempt,
         }
     }
@@ -66,4 +74,19 @@ pub fn check_token(token: &str) -> Result<(), String> {
             token.escape_debug().to_string()
         ))
     }
+}
+
+/// Reads a job's lease, `None` if it has none. A lease that cannot be parsed
+/// is an error: it still blocks the job until the master clears it.
+pub fn read_lease(fs: &dyn SpoolFs, id: &str) -> Result<Option<Lease>> {
+    let path = lease_path(id);
+    let Some(bytes) = fs.read_opt(&path).ctx(|| format!("reading {path}"))? else {
+        return Ok(None);
+    };
+    Lease::parse(&String::from_utf8_lossy(&bytes))
+        .map(Some)
+        .map_err(|e| SpoolError::Corrupt {
+            path,
+            problem: e.to_string(),
+        })
 }

@@ -4,7 +4,10 @@
 use serde::{Deserialize, Serialize};
 
 use crate::time::Timestamp;
-use crate::units::Span;
+use crate::units::TimeLimit;
+
+use crate::error::{IoContext, Result, SpoolError};
+use crate::spool::{SpoolFs, JOB_LIST};
 
 /// The state a job list entry records. `leased` and `uploading` are not
 /// stored: they follow from the lease and status files (see [`crate::master::JobState`]).
@@ -29,7 +32,7 @@ pub struct Entry {
     #[serde(default)]
     pub attempts: u32,
     pub max_attempts: u32,
-    pub time_limit: Span,
+    pub time_limit: TimeLimit,
     pub submitted: Timestamp,
     /// BLAKE3 of the job file as submitted.
     #[serde(default)]
@@ -116,4 +119,19 @@ impl JobList {
         self.sort();
         self.get(id).map(|e| e.priority)
     }
+}
+
+/// Reads `jobs.toml`; an absent list is an empty one.
+pub fn read_job_list(fs: &dyn SpoolFs) -> Result<JobList> {
+    let Some(bytes) = fs
+        .read_opt(JOB_LIST)
+        .ctx(|| format!("reading {JOB_LIST}"))?
+    else {
+        return Ok(JobList::default());
+    };
+    let text = String::from_utf8_lossy(&bytes);
+    JobList::parse(&text).map_err(|e| SpoolError::Corrupt {
+        path: JOB_LIST.into(),
+        problem: e.to_string(),
+    })
 }

@@ -9,7 +9,13 @@
 //! incoming/<id>/<token>/    an upload in progress; manifest.toml appears last
 //! images/<id>/              published images (appear whole, by rename)
 //! history/<id>.toml         finished jobs, with their last status
+//! logs/<id>.log             a holder's job log while it works
+//! master/                   the masters' own: the lock, lease records
 //! ```
+//!
+//! Who may write what is the [`LAYOUT`]: `kiln-master init --agent-user`
+//! gives each directory its owner and mode, and the agents' sshd account
+//! (chrooted, SFTP only) can then write only where agents must.
 //!
 //! Every path handed to a [`SpoolFs`] is relative to the spool root and built
 //! from checked names only (see [`crate::names`]).
@@ -27,10 +33,60 @@ pub const INCOMING: &str = "incoming";
 pub const IMAGES: &str = "images";
 pub const HISTORY: &str = "history";
 pub const LOGS: &str = "logs";
-/// Directories that make up a spool, created by `init`.
-pub const DIRS: [&str; 8] = [
-    JOBS, PAYLOADS, LEASES, STATUS, INCOMING, IMAGES, HISTORY, LOGS,
+/// The masters' private directory: the lock and the master's own records.
+pub const MASTER_DIR: &str = "master";
+/// The masters' lock, so that the CLI, `serve` and the TUI never interleave.
+pub const MASTER_LOCK: &str = "master/lock";
+
+/// Who may write a spool directory, and so its owner and mode once
+/// `kiln-master init --agent-user USER` has run as root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// The master writes, agents read: owner the master, mode 0755.
+    MasterWrites,
+    /// Agents create entries; the sticky bit keeps them from removing or
+    /// renaming what they did not make: owner the master, group the
+    /// agents' group, mode 01775.
+    AgentsCreate,
+    /// Only the master, agents cannot even list it: owner the master, mode 0700.
+    MasterOnly,
+}
+
+impl Access {
+    /// The directory's mode.
+    pub fn mode(self) -> u32 {
+        match self {
+            Access::MasterWrites => 0o755,
+            Access::AgentsCreate => 0o1775,
+            Access::MasterOnly => 0o700,
+        }
+    }
+}
+
+/// Every directory of a spool with who may write it. The spool root itself
+/// is [`Access::MasterWrites`] (it holds `jobs.toml`).
+pub const LAYOUT: [(&str, Access); 9] = [
+    (JOBS, Access::MasterWrites),
+    (PAYLOADS, Access::MasterWrites),
+    (LEASES, Access::AgentsCreate),
+    (STATUS, Access::AgentsCreate),
+    (INCOMING, Access::AgentsCreate),
+    (LOGS, Access::AgentsCreate),
+    (IMAGES, Access::MasterOnly),
+    (HISTORY, Access::MasterOnly),
+    (MASTER_DIR, Access::MasterOnly),
 ];
+
+/// Directories that make up a spool, created by `init`.
+pub const DIRS: [&str; 9] = {
+    let mut d = [""; 9];
+    let mut i = 0;
+    while i < LAYOUT.len() {
+        d[i] = LAYOUT[i].0;
+        i += 1;
+    }
+    d
+};
 /// Prefix of temporary files; listings skip them.
 pub const TMP_PREFIX: &str = ".tmp.";
 
@@ -144,15 +200,27 @@ impl LocalSpool {
     /// Takes the master's lock, held until the guard drops, so that the CLI,
     /// `serve` and the TUI never interleave their read-modify-write of `jobs.toml`.
     pub fn lock(&self) -> io::Result<MasterLock> {
-        let path = self.root.join(".master.lock");
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        let dir = self.root.join(MASTER_DIR);
+        match fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(&path)?;
+            .mode(0o600)
+            .custom_flags(libc_o_nofollow())
+            .open(self.root.join(MASTER_LOCK))?;
         file.lock()?;
         Ok(MasterLock { _file: file })
     }
+}
+
+/// `O_NOFOLLOW`: the lock is never taken through a symlink.
+fn libc_o_nofollow() -> i32 {
+    nix::fcntl::OFlag::O_NOFOLLOW.bits()
 }
 
 /// The master's exclusive lock on a local spool; released on drop.

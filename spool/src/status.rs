@@ -4,6 +4,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::time::Timestamp;
 
+use crate::error::{IoContext, Result, SpoolError};
+use crate::spool::{status_path, SpoolFs};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AgentState {
@@ -47,4 +50,18 @@ impl Status {
     pub fn to_toml(&self) -> String {
         toml::to_string(self).expect("a status always serializes")
     }
+}
+
+/// Reads a job's heartbeat, `None` if it has none.
+pub fn read_status(fs: &dyn SpoolFs, id: &str) -> Result<Option<Status>> {
+    let path = status_path(id);
+    let Some(bytes) = fs.read_opt(&path).ctx(|| format!("reading {path}"))? else {
+        return Ok(None);
+    };
+    Status::parse(&String::from_utf8_lossy(&bytes))
+        .map(Some)
+        .map_err(|e| SpoolError::Corrupt {
+            path,
+            problem: e.to_string(),
+        })
 }

@@ -7,16 +7,17 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use kiln_protocol::claim::{check_lease, claim_next, read_job_list, LeaseCheck};
-use kiln_protocol::lease::Lease;
-use kiln_protocol::manifest::ImageManifest;
-use kiln_protocol::master::{self, job_view, JobState};
-use kiln_protocol::publish::reap;
-use kiln_protocol::queue::EntryState;
-use kiln_protocol::spool::{image_dir, incoming_dir};
-use kiln_protocol::time::Timestamp;
-use kiln_protocol::upload::{chunk_name, Chunk, ChunkList, CHUNKS, IMAGE_FILE, MANIFEST};
-use kiln_protocol::{LocalSpool, SpoolFs};
+use kiln_spool::agent::claim::{check_lease, claim_next, LeaseCheck};
+use kiln_spool::queue::read_job_list;
+use kiln_spool::lease::Lease;
+use kiln_spool::manifest::ImageManifest;
+use kiln_spool::master::{self, job_view, JobState};
+use kiln_spool::master::reap;
+use kiln_spool::queue::EntryState;
+use kiln_spool::spool::{image_dir, incoming_dir};
+use kiln_spool::time::Timestamp;
+use kiln_spool::upload::{chunk_name, Chunk, ChunkList, CHUNKS, IMAGE_FILE, MANIFEST};
+use kiln_spool::{LocalSpool, SpoolFs};
 
 const T0: Timestamp = Timestamp(1_900_000_000);
 

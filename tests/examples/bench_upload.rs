@@ -14,14 +14,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use kiln_e2e::sshd::TestSshd;
-use kiln_protocol::claim::claim_next;
-use kiln_protocol::lease::Lease;
-use kiln_protocol::manifest::ImageManifest;
-use kiln_protocol::master;
-use kiln_protocol::sftp::{ServerConfig, SessionOptions, SftpSpool};
-use kiln_protocol::time::Timestamp;
-use kiln_protocol::uploader::{upload, UploadOptions};
-use kiln_protocol::LocalSpool;
+use kiln_spool::agent::claim::claim_next;
+use kiln_spool::lease::Lease;
+use kiln_spool::manifest::ImageManifest;
+use kiln_spool::master;
+use kiln_spool::sftp::{ServerConfig, SessionOptions, SftpSpool};
+use kiln_spool::time::Timestamp;
+use kiln_spool::agent::uploader::{upload, UploadOptions};
+use kiln_spool::LocalSpool;
 
 const CIPHER: &str = "aes128-gcm@openssh.com";
 const TOOLS: [&str; 3] = ["kiln", "scp", "sftp"];

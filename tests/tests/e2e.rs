@@ -19,11 +19,11 @@ use kiln_e2e::sshd::{keygen, skip_without_sshd, TestSshd};
 use kiln_e2e::wait::wait_until;
 use kiln_initramfs::config::ExtraFile;
 use kiln_initramfs::Config;
-use kiln_protocol::master::{job_views, HistoryRecord, JobState, JobView};
-use kiln_protocol::spool::history_path;
-use kiln_protocol::time::Timestamp;
-use kiln_protocol::upload::{IMAGE_FILE, MANIFEST, PUBLISHED};
-use kiln_protocol::LocalSpool;
+use kiln_spool::master::{job_views, HistoryRecord, JobState, JobView};
+use kiln_spool::spool::history_path;
+use kiln_spool::time::Timestamp;
+use kiln_spool::upload::{IMAGE_FILE, MANIFEST, PUBLISHED};
+use kiln_spool::LocalSpool;
 
 const MUSL: &str = "x86_64-unknown-linux-musl";
 /// From PXE to a published image, on a loaded 2-core machine under TCG.

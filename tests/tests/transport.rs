@@ -8,17 +8,18 @@ use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use kiln_e2e::sshd::{skip_without_sshd, SshdOptions, TestSshd};
-use kiln_protocol::claim::{check_lease, claim_next, read_job_list, LeaseCheck};
-use kiln_protocol::manifest::ImageManifest;
-use kiln_protocol::master;
-use kiln_protocol::publish::reap;
-use kiln_protocol::queue::EntryState;
-use kiln_protocol::sftp::{HostKey, ServerConfig, SessionOptions, SftpSpool};
-use kiln_protocol::spool::{history_path, image_dir, incoming_dir, DIRS, LEASES, TMP_PREFIX};
-use kiln_protocol::time::Timestamp;
-use kiln_protocol::upload::{chunk_name, IMAGE_FILE, JOB_LOG, MANIFEST};
-use kiln_protocol::uploader::{upload, UploadOptions};
-use kiln_protocol::{LocalSpool, SpoolFs};
+use kiln_spool::agent::claim::{check_lease, claim_next, LeaseCheck};
+use kiln_spool::queue::read_job_list;
+use kiln_spool::manifest::ImageManifest;
+use kiln_spool::master;
+use kiln_spool::master::reap;
+use kiln_spool::queue::EntryState;
+use kiln_spool::sftp::{HostKey, ServerConfig, SessionOptions, SftpSpool};
+use kiln_spool::spool::{history_path, image_dir, incoming_dir, DIRS, LEASES, TMP_PREFIX};
+use kiln_spool::time::Timestamp;
+use kiln_spool::upload::{chunk_name, IMAGE_FILE, JOB_LOG, MANIFEST};
+use kiln_spool::agent::uploader::{upload, UploadOptions};
+use kiln_spool::{LocalSpool, SpoolFs};
 
 fn server(sshd: &TestSshd, spool: &Path) -> ServerConfig {
     ServerConfig {

@@ -19,7 +19,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::sync_channel;
 
-use kiln_protocol::manifest::DataRange;
+use kiln_spool::manifest::DataRange;
 use zstd::stream::raw::{Encoder as RawEncoder, InBuffer, Operation, OutBuffer};
 use zstd::zstd_safe::CParameter;
 

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use kiln_protocol::job::FsKind;
+use kiln_spool::job::FsKind;
 
 use crate::command::run;
 use crate::error::Result;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use gpt::disk::LogicalBlockSize;
 use gpt::partition_types;
-use kiln_protocol::job::{PartKind, Table};
+use kiln_spool::job::{PartKind, Table};
 
 use super::plan::DiskPlan;
 use super::{partition_node, size_of};

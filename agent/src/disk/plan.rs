@@ -1,8 +1,8 @@
 //! The layout plan: where each partition of the job starts and ends on a
 //! disk of a given size. Pure arithmetic, tested without a disk.
 
-use kiln_protocol::job::{Disk, FsKind, PartKind, Table};
-use kiln_protocol::units::{human_bytes, Size};
+use kiln_spool::job::{Disk, FsKind, PartKind, Table};
+use kiln_spool::units::{human_bytes, Size};
 
 pub const MIB: u64 = 1 << 20;
 
@@ -98,7 +98,7 @@ pub fn plan(disk: &Disk, disk_size: u64, sector_size: u64) -> Result<DiskPlan, S
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kiln_protocol::job::Partition;
+    use kiln_spool::job::Partition;
 
     fn part(label: &str, size: Size, kind: PartKind, fs: FsKind) -> Partition {
         Partition {

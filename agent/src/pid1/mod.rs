@@ -20,7 +20,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
-use kiln_protocol::agent_config::{cmdline_words, load_agent_config, AgentConfig};
+use kiln_spool::agent_config::{cmdline_words, load_agent_config, AgentConfig};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
 

@@ -2,9 +2,9 @@
 
 use std::path::PathBuf;
 
-use kiln_protocol::master::JobView;
-use kiln_protocol::time::Timestamp;
-use kiln_protocol::LocalSpool;
+use kiln_spool::master::JobView;
+use kiln_spool::time::Timestamp;
+use kiln_spool::LocalSpool;
 
 use super::spool_state::{AgentRow, Detail, ImageRow, SpoolState};
 

@@ -19,9 +19,9 @@ use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use kiln_protocol::spool::JOB_LIST;
-use kiln_protocol::time::Timestamp;
-use kiln_protocol::LocalSpool;
+use kiln_spool::spool::JOB_LIST;
+use kiln_spool::time::Timestamp;
+use kiln_spool::LocalSpool;
 
 pub use app::{App, Confirm, Mode, Note, Pane};
 pub use msg::{Effect, Msg};

@@ -2,8 +2,8 @@
 //! wants done outside itself (reading the spool) comes back as an [`Effect`].
 
 use crossterm::event::{Event, KeyEvent, KeyEventKind};
-use kiln_protocol::publish::ReapReport;
-use kiln_protocol::time::Timestamp;
+use kiln_spool::master::ReapReport;
+use kiln_spool::time::Timestamp;
 
 use super::spool_state::{Detail, SpoolState};
 

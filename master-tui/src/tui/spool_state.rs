@@ -5,13 +5,13 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
 
-use kiln_protocol::manifest::ImageManifest;
-use kiln_protocol::master::{job_views, read_job_spec, JobState, JobView};
-use kiln_protocol::spool::{image_dir, log_path, status_path, IMAGES, STATUS};
-use kiln_protocol::status::Status;
-use kiln_protocol::time::Timestamp;
-use kiln_protocol::upload::{Published, JOB_LOG, MANIFEST, PUBLISHED};
-use kiln_protocol::{JobSpec, LocalSpool, SpoolFs};
+use kiln_spool::manifest::ImageManifest;
+use kiln_spool::master::{job_views, read_job_spec, JobState, JobView};
+use kiln_spool::spool::{image_dir, log_path, status_path, IMAGES, STATUS};
+use kiln_spool::status::Status;
+use kiln_spool::time::Timestamp;
+use kiln_spool::upload::{Published, JOB_LOG, MANIFEST, PUBLISHED};
+use kiln_spool::{JobSpec, LocalSpool, SpoolFs};
 
 /// An agent's last heartbeat older than this, while it holds a job, is stale.
 pub const STALE_AFTER_SECS: i64 = 60;

@@ -7,10 +7,10 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use kiln_protocol::publish::reap;
-use kiln_protocol::spool::{HISTORY, IMAGES, INCOMING, JOBS, LEASES, LOGS, STATUS, TMP_PREFIX};
-use kiln_protocol::time::Timestamp;
-use kiln_protocol::LocalSpool;
+use kiln_spool::master::reap;
+use kiln_spool::spool::{HISTORY, IMAGES, INCOMING, JOBS, LEASES, LOGS, STATUS, TMP_PREFIX};
+use kiln_spool::time::Timestamp;
+use kiln_spool::LocalSpool;
 use notify::{RecursiveMode, Watcher};
 
 use super::msg::{Effect, Msg};
@@ -244,9 +244,9 @@ impl Reaper {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kiln_protocol::claim::claim_next;
-    use kiln_protocol::master::{add_job, init};
-    use kiln_protocol::queue::EntryState;
+    use kiln_spool::agent::claim::claim_next;
+    use kiln_spool::master::{add_job, init};
+    use kiln_spool::queue::EntryState;
 
     const JOB: &str = "id = \"seen\"\ntime_limit = \"1s\"\n[disk]\n[[disk.partitions]]\nlabel = \"root\"\nsize = \"rest\"\nkind = \"linux\"\nfs = \"ext4\"\nmount = \"/\"\n";
 

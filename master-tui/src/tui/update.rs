@@ -5,12 +5,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
-use kiln_protocol::claim::read_job_list;
-use kiln_protocol::job::MAX_PRIORITY;
-use kiln_protocol::master::{self, MasterError};
-use kiln_protocol::queue::EntryState;
-use kiln_protocol::time::format_secs;
-use kiln_protocol::LocalSpool;
+use kiln_spool::queue::read_job_list;
+use kiln_spool::job::MAX_PRIORITY;
+use kiln_spool::master::{self, MasterError};
+use kiln_spool::queue::EntryState;
+use kiln_spool::time::format_secs;
+use kiln_spool::LocalSpool;
 
 use super::app::{App, Confirm, Mode, Pane};
 use super::msg::{Effect, Msg};
@@ -287,7 +287,7 @@ fn move_cursor(app: &mut App, by: i64) -> Vec<Effect> {
 /// Runs one change under the master lock, as the CLI does, and reports it.
 fn act(
     app: &mut App,
-    change: impl FnOnce(&LocalSpool, kiln_protocol::time::Timestamp) -> Result<String, MasterError>,
+    change: impl FnOnce(&LocalSpool, kiln_spool::time::Timestamp) -> Result<String, MasterError>,
 ) -> Vec<Effect> {
     let result = match app.spool.lock() {
         Ok(_lock) => change(&app.spool, app.now).map_err(|e| e.to_string()),

@@ -6,16 +6,16 @@
 use std::path::Path;
 
 use kiln_master::tui::{settle, App, Effect};
-use kiln_protocol::claim::{claim_next, heartbeat};
-use kiln_protocol::lease::Lease;
-use kiln_protocol::manifest::{DataRange, ImageManifest};
-use kiln_protocol::master::{add_job, cancel, init};
-use kiln_protocol::publish::reap;
-use kiln_protocol::spool::{incoming_dir, job_path, log_path, payload_path};
-use kiln_protocol::status::{AgentState, Status};
-use kiln_protocol::time::Timestamp;
-use kiln_protocol::upload::{chunk_name, Chunk, ChunkList, CHUNKS, JOB_LOG, MANIFEST};
-use kiln_protocol::{LocalSpool, SpoolFs};
+use kiln_spool::agent::claim::{claim_next, heartbeat};
+use kiln_spool::lease::Lease;
+use kiln_spool::manifest::{DataRange, ImageManifest};
+use kiln_spool::master::{add_job, cancel, init};
+use kiln_spool::master::reap;
+use kiln_spool::spool::{incoming_dir, job_path, log_path, payload_path};
+use kiln_spool::status::{AgentState, Status};
+use kiln_spool::time::Timestamp;
+use kiln_spool::upload::{chunk_name, Chunk, ChunkList, CHUNKS, JOB_LOG, MANIFEST};
+use kiln_spool::{LocalSpool, SpoolFs};
 
 /// 2027-01-15T08:00:00Z.
 pub const T0: u64 = 1_800_000_000;

@@ -1,82 +1,11 @@
 //! The agent's side of the spool rules: find work, claim it, keep the claim.
 
-use std::io;
-
-use crate::lease::Lease;
-use crate::queue::{Entry, EntryState, JobList};
-use crate::spool::{lease_path, status_path, SpoolFs, JOB_LIST, LEASES};
+use crate::error::{IoContext, Result};
+use crate::lease::{read_lease, Lease};
+use crate::queue::{read_job_list, Entry, EntryState};
+use crate::spool::{lease_path, status_path, SpoolFs, LEASES};
 use crate::status::Status;
 use crate::time::Timestamp;
-
-#[derive(Debug, thiserror::Error)]
-pub enum SpoolError {
-    #[error("{what}")]
-    Io {
-        what: String,
-        #[source]
-        source: io::Error,
-    },
-    #[error("{path}: {problem}")]
-    Corrupt { path: String, problem: String },
-}
-
-pub type Result<T, E = SpoolError> = std::result::Result<T, E>;
-
-pub(crate) trait IoContext<T> {
-    fn ctx(self, what: impl FnOnce() -> String) -> Result<T>;
-}
-
-impl<T> IoContext<T> for io::Result<T> {
-    fn ctx(self, what: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|source| SpoolError::Io {
-            what: what(),
-            source,
-        })
-    }
-}
-
-/// Reads `jobs.toml`; an absent list is an empty one.
-pub fn read_job_list(fs: &dyn SpoolFs) -> Result<JobList> {
-    let Some(bytes) = fs
-        .read_opt(JOB_LIST)
-        .ctx(|| format!("reading {JOB_LIST}"))?
-    else {
-        return Ok(JobList::default());
-    };
-    let text = String::from_utf8_lossy(&bytes);
-    JobList::parse(&text).map_err(|e| SpoolError::Corrupt {
-        path: JOB_LIST.into(),
-        problem: e.to_string(),
-    })
-}
-
-/// Reads a job's lease, `None` if it has none. A lease that cannot be parsed
-/// is an error: it still blocks the job until the master clears it.
-pub fn read_lease(fs: &dyn SpoolFs, id: &str) -> Result<Option<Lease>> {
-    let path = lease_path(id);
-    let Some(bytes) = fs.read_opt(&path).ctx(|| format!("reading {path}"))? else {
-        return Ok(None);
-    };
-    Lease::parse(&String::from_utf8_lossy(&bytes))
-        .map(Some)
-        .map_err(|e| SpoolError::Corrupt {
-            path,
-            problem: e.to_string(),
-        })
-}
-
-pub fn read_status(fs: &dyn SpoolFs, id: &str) -> Result<Option<Status>> {
-    let path = status_path(id);
-    let Some(bytes) = fs.read_opt(&path).ctx(|| format!("reading {path}"))? else {
-        return Ok(None);
-    };
-    Status::parse(&String::from_utf8_lossy(&bytes))
-        .map(Some)
-        .map_err(|e| SpoolError::Corrupt {
-            path,
-            problem: e.to_string(),
-        })
-}
 
 /// Queued jobs that nobody holds, in the order agents take them.
 pub fn available_jobs(fs: &dyn SpoolFs) -> Result<Vec<Entry>> {
@@ -99,13 +28,7 @@ pub fn available_jobs(fs: &dyn SpoolFs) -> Result<Vec<Entry>> {
 /// moves on to the next. `None` when nothing is left.
 pub fn claim_next(fs: &dyn SpoolFs, agent: &str, now: Timestamp) -> Result<Option<Lease>> {
     for entry in available_jobs(fs)? {
-        let lease = Lease::new(
-            &entry.id,
-            agent,
-            now,
-            entry.time_limit.0,
-            entry.attempts + 1,
-        );
+        let lease = Lease::new(&entry.id, agent, now, entry.time_limit, entry.attempts + 1);
         let path = lease_path(&entry.id);
         if !fs
             .create_exclusive(&path, lease.to_toml().as_bytes())

@@ -13,7 +13,8 @@ use std::io::{self, Read, Write};
 use std::path::Path;
 use std::sync::mpsc;
 
-use crate::claim::{check_lease, LeaseCheck, SpoolError};
+use crate::agent::claim::{check_lease, LeaseCheck};
+use crate::error::SpoolError;
 use crate::lease::{check_token, Lease};
 use crate::manifest::ImageManifest;
 use crate::names::check_job_id;
@@ -481,9 +482,9 @@ fn finish_chunk(fs: &dyn SpoolFs, tmp: &str, path: &str, size: u64) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::claim::claim_next;
+    use crate::agent::claim::claim_next;
     use crate::master;
-    use crate::publish::reap;
+    use crate::master::reap;
     use crate::spool::{image_dir, lease_path, LocalSpool};
     use crate::time::Timestamp;
     use crate::upload::IMAGE_FILE;

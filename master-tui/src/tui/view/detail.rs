@@ -1,9 +1,9 @@
 //! The Detail pane for the selected job (spec summary, status, log tail) and
 //! the full-screen log view.
 
-use kiln_protocol::master::JobView;
-use kiln_protocol::time::format_secs;
-use kiln_protocol::JobSpec;
+use kiln_spool::master::JobView;
+use kiln_spool::time::format_secs;
+use kiln_spool::JobSpec;
 use ratatui::layout::Rect;
 use ratatui::style::Style;
 use ratatui::text::{Line, Span};
@@ -105,7 +105,7 @@ fn status_lines(app: &App, theme: Theme, j: &JobView) -> Vec<Line<'static>> {
     if !j.message.is_empty() {
         let style = if matches!(
             j.state,
-            kiln_protocol::master::JobState::Failed | kiln_protocol::master::JobState::Invalid
+            kiln_spool::master::JobState::Failed | kiln_spool::master::JobState::Invalid
         ) {
             theme.danger()
         } else {

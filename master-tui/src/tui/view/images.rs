@@ -1,6 +1,6 @@
 //! The Images pane: published images, newest first.
 
-use kiln_protocol::units::human_bytes;
+use kiln_spool::units::human_bytes;
 use ratatui::layout::{Constraint, Rect};
 use ratatui::widgets::{Cell, HighlightSpacing, Row, Table, TableState};
 use ratatui::Frame;

@@ -1,8 +1,8 @@
 //! The Jobs pane: active jobs in the order agents take them, then a section
 //! of finished ones.
 
-use kiln_protocol::master::JobView;
-use kiln_protocol::time::{format_secs, Timestamp};
+use kiln_spool::master::JobView;
+use kiln_spool::time::{format_secs, Timestamp};
 use ratatui::layout::{Constraint, Rect};
 use ratatui::style::Style;
 use ratatui::text::{Line, Span};

@@ -8,8 +8,8 @@ mod jobs;
 mod overlay;
 pub mod theme;
 
-use kiln_protocol::master::JobState;
-use kiln_protocol::time::{format_secs, Timestamp};
+use kiln_spool::master::JobState;
+use kiln_spool::time::{format_secs, Timestamp};
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::Style;
 use ratatui::text::{Line, Span};

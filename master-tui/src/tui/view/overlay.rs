@@ -42,7 +42,7 @@ fn popup(theme: Theme, title: &str) -> Block<'static> {
 
 fn help(theme: Theme, f: &mut Frame, area: Rect) {
     let step = PRIORITY_STEP.to_string();
-    let extend = kiln_protocol::time::format_secs(EXTEND_BY.as_secs() as i64);
+    let extend = kiln_spool::time::format_secs(EXTEND_BY.as_secs() as i64);
     let keys: Vec<(&str, String)> = vec![
         ("Tab / S-Tab", "next / previous pane".into()),
         ("↑↓ j k", "move; PgUp PgDn g G jump".into()),

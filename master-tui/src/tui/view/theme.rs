@@ -1,7 +1,7 @@
 //! Styles, with colour only when it is wanted (`NO_COLOR` turns it off and
 //! leaves bold, reverse and dim to carry the meaning).
 
-use kiln_protocol::master::JobState;
+use kiln_spool::master::JobState;
 use ratatui::style::{Color, Modifier, Style};
 
 #[derive(Debug, Clone, Copy)]

@@ -1,0 +1,243 @@
+//! The operator's actions on the job list: submit, reorder, cancel,
+//! requeue, reclaim and extend a lease.
+
+use std::io::Read;
+use std::path::Path;
+
+use crate::error::{IoContext, SpoolError};
+use crate::job::{parse_job, JobError, JobSpec, MAX_PRIORITY};
+use crate::lease::{read_lease, Lease};
+use crate::master::views::view_entry;
+use crate::master::{write_job_list, JobState, MasterError, Result};
+use crate::names::check_job_id;
+use crate::queue::{read_job_list, Entry, EntryState, JobList};
+use crate::spool::{history_path, image_dir, job_path, lease_path, payload_path, SpoolFs, HISTORY};
+use crate::time::Timestamp;
+
+/// BLAKE3 of a payload in the spool, streamed; `None` if it is missing.
+pub fn hash_payload(fs: &dyn SpoolFs, name: &str) -> Result<Option<String>> {
+    let path = payload_path(name);
+    let mut r = match fs.open_read(&path) {
+        Ok(r) => r,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(SpoolError::Io {
+                what: format!("opening {path}"),
+                source: e,
+            }
+            .into())
+        }
+    };
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = r.read(&mut buf).ctx(|| format!("reading {path}"))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(Some(h.finalize().to_hex().to_string()))
+}
+
+/// Fills in each payload's `blake3` from the spool, or checks the one given.
+/// Returns the job text with the hashes pinned (comments and layout kept).
+pub fn pin_payloads(fs: &dyn SpoolFs, text: &str, spec: &JobSpec) -> Result<String> {
+    let mut doc: toml_edit::DocumentMut =
+        text.parse().map_err(|e: toml_edit::TomlError| JobError {
+            file: None,
+            field: String::new(),
+            problem: e.to_string(),
+        })?;
+    for (i, p) in spec.payloads.iter().enumerate() {
+        let field = format!("payloads[{i}].blake3");
+        let actual = hash_payload(fs, &p.name)?.ok_or_else(|| JobError {
+            file: None,
+            field: format!("payloads[{i}].name"),
+            problem: format!(
+                "{:?} is not in the spool's payloads/ (add it with `kiln-master payload add`)",
+                p.name
+            ),
+        })?;
+        match &p.blake3 {
+            Some(given) if *given != actual => {
+                return Err(JobError {
+                    file: None,
+                    field,
+                    problem: format!(
+                        "{given} does not match payloads/{}, whose BLAKE3 is {actual}",
+                        p.name
+                    ),
+                }
+                .into())
+            }
+            Some(_) => {}
+            None => {
+                let table = doc["payloads"]
+                    .as_array_of_tables_mut()
+                    .and_then(|a| a.get_mut(i))
+                    .ok_or_else(|| {
+                        MasterError::BadInput(format!(
+                            "{field}: payloads must be written as [[payloads]] tables"
+                        ))
+                    })?;
+                table["blake3"] = toml_edit::value(actual);
+            }
+        }
+    }
+    Ok(doc.to_string())
+}
+
+/// Validates a job file's text, pins its payloads and queues it.
+pub fn add_job(fs: &dyn SpoolFs, text: &str, file: &Path, now: Timestamp) -> Result<Entry> {
+    let spec = parse_job(text).map_err(|e| e.in_file(file))?;
+    let pinned = pin_payloads(fs, text, &spec).map_err(|e| match e {
+        MasterError::Job(j) => MasterError::Job(j.in_file(file)),
+        other => other,
+    })?;
+    let mut list = read_job_list(fs)?;
+    if list.get(&spec.id).is_some()
+        || fs
+            .exists(&history_path(&spec.id))
+            .ctx(|| format!("reading {HISTORY}/"))?
+        || fs
+            .exists(&image_dir(&spec.id))
+            .ctx(|| "reading images/".into())?
+    {
+        return Err(MasterError::Exists(spec.id));
+    }
+    let path = job_path(&spec.id);
+    fs.write_atomic(&path, pinned.as_bytes())
+        .ctx(|| format!("writing {path}"))?;
+    let entry = Entry {
+        id: spec.id.clone(),
+        priority: spec.priority,
+        seq: 0,
+        state: EntryState::Queued,
+        attempts: 0,
+        max_attempts: spec.max_attempts,
+        time_limit: spec.time_limit,
+        submitted: now,
+        blake3: blake3::hash(pinned.as_bytes()).to_hex().to_string(),
+        message: String::new(),
+    };
+    list.push(entry);
+    write_job_list(fs, &list)?;
+    Ok(list.get(&spec.id).cloned().expect("just added"))
+}
+
+/// Reads a job's spec as stored in the spool.
+pub fn read_job_spec(fs: &dyn SpoolFs, id: &str) -> Result<(String, JobSpec)> {
+    check_job_id(id).map_err(|p| MasterError::BadInput(format!("job id {p}")))?;
+    let path = job_path(id);
+    let bytes = fs
+        .read_opt(&path)
+        .ctx(|| format!("reading {path}"))?
+        .ok_or_else(|| MasterError::NoSuchJob(id.into()))?;
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    let spec = parse_job(&text).map_err(|e| e.in_file(Path::new(&path)))?;
+    Ok((text, spec))
+}
+
+fn entry_mut<'a>(list: &'a mut JobList, id: &str) -> Result<&'a mut Entry> {
+    list.get_mut(id)
+        .ok_or_else(|| MasterError::NoSuchJob(id.into()))
+}
+
+pub fn set_priority(fs: &dyn SpoolFs, id: &str, priority: u32) -> Result<()> {
+    if priority > MAX_PRIORITY {
+        return Err(MasterError::BadInput(format!(
+            "priority {priority} is out of range 0..={MAX_PRIORITY}"
+        )));
+    }
+    let mut list = read_job_list(fs)?;
+    entry_mut(&mut list, id)?.priority = priority;
+    list.sort();
+    write_job_list(fs, &list)
+}
+
+/// Moves a queued job one place up or down in the order agents take jobs.
+pub fn shift(fs: &dyn SpoolFs, id: &str, up: bool) -> Result<Option<u32>> {
+    let mut list = read_job_list(fs)?;
+    entry_mut(&mut list, id)?;
+    let moved = list.shift(id, up);
+    if moved.is_some() {
+        write_job_list(fs, &list)?;
+    }
+    Ok(moved)
+}
+
+/// Cancels a job; a holder finds its lease gone and stops.
+pub fn cancel(fs: &dyn SpoolFs, id: &str, now: Timestamp) -> Result<()> {
+    let mut list = read_job_list(fs)?;
+    let view = view_entry(fs, entry_mut(&mut list, id)?, now)?;
+    let e = entry_mut(&mut list, id)?;
+    if e.state != EntryState::Queued {
+        return Err(MasterError::WrongState {
+            id: id.into(),
+            state: view.state,
+            action: "cancel",
+            wanted: "a queued or leased job",
+        });
+    }
+    e.state = EntryState::Cancelled;
+    e.message = format!("cancelled at {now}");
+    write_job_list(fs, &list)?;
+    let path = lease_path(id);
+    fs.remove(&path).ctx(|| format!("removing {path}"))?;
+    Ok(())
+}
+
+/// Puts a failed, invalid or cancelled job back in the queue with its
+/// attempts reset. An invalid job is validated again first.
+pub fn requeue(fs: &dyn SpoolFs, id: &str, now: Timestamp) -> Result<()> {
+    let mut list = read_job_list(fs)?;
+    let view = view_entry(fs, entry_mut(&mut list, id)?, now)?;
+    if !matches!(
+        view.state,
+        JobState::Failed | JobState::Invalid | JobState::Cancelled
+    ) {
+        return Err(MasterError::WrongState {
+            id: id.into(),
+            state: view.state,
+            action: "requeue",
+            wanted: "a failed, invalid or cancelled job",
+        });
+    }
+    let (_, spec) = read_job_spec(fs, id)?;
+    let e = entry_mut(&mut list, id)?;
+    e.state = EntryState::Queued;
+    e.attempts = 0;
+    e.max_attempts = spec.max_attempts;
+    e.time_limit = spec.time_limit;
+    e.message = format!("requeued at {now}");
+    write_job_list(fs, &list)
+}
+
+/// Ends a lease now, as if its deadline had passed: the attempt counts.
+pub fn reclaim(fs: &dyn SpoolFs, id: &str, now: Timestamp) -> Result<EntryState> {
+    let lease = read_lease(fs, id)?
+        .ok_or_else(|| MasterError::BadInput(format!("job {id:?} has no lease")))?;
+    let mut list = read_job_list(fs)?;
+    let state = crate::master::reaper::release(
+        fs,
+        &mut list,
+        &lease,
+        &format!(
+            "lease of {} reclaimed by the operator at {now}",
+            lease.agent
+        ),
+    )?;
+    Ok(state)
+}
+
+/// Pushes a lease's deadline back by `by`.
+pub fn extend(fs: &dyn SpoolFs, id: &str, by: std::time::Duration) -> Result<Lease> {
+    let mut lease = read_lease(fs, id)?
+        .ok_or_else(|| MasterError::BadInput(format!("job {id:?} has no lease")))?;
+    lease.deadline = lease.deadline.plus(by);
+    let path = lease_path(id);
+    fs.write_atomic(&path, lease.to_toml().as_bytes())
+        .ctx(|| format!("writing {path}"))?;
+    Ok(lease)
+}
