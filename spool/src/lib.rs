@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod agent_config;
+pub mod beneath;
 pub mod error;
 pub mod job;
 pub mod lease;

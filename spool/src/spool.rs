@@ -20,9 +20,14 @@
 //! Every path handed to a [`SpoolFs`] is relative to the spool root and built
 //! from checked names only (see [`crate::names`]).
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Write};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+
+use nix::fcntl::OFlag;
+
+use crate::beneath;
 
 pub const JOB_LIST: &str = "jobs.toml";
 pub const JOBS: &str = "jobs";
@@ -148,6 +153,16 @@ pub trait SpoolFs {
         Ok(self.size(path)?.is_some())
     }
 
+    /// Reads a file of at most `max` bytes, `None` if it does not exist;
+    /// a larger file is an `InvalidData` error and is not read whole.
+    fn read_capped(&self, path: &str, max: u64) -> io::Result<Option<Vec<u8>>> {
+        match self.open_read(path) {
+            Ok(r) => read_at_most(r, path, max).map(Some),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Reads a file, `None` if it does not exist.
     fn read_opt(&self, path: &str) -> io::Result<Option<Vec<u8>>> {
         match self.read(path) {
@@ -200,27 +215,20 @@ impl LocalSpool {
     /// Takes the master's lock, held until the guard drops, so that the CLI,
     /// `serve` and the TUI never interleave their read-modify-write of `jobs.toml`.
     pub fn lock(&self) -> io::Result<MasterLock> {
-        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-        let dir = self.root.join(MASTER_DIR);
-        match fs::DirBuilder::new().mode(0o700).create(&dir) {
+        let root = self.root_fd()?;
+        match beneath::mkdir(&root, MASTER_DIR, 0o700) {
             Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
             _ => {}
         }
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .custom_flags(libc_o_nofollow())
-            .open(self.root.join(MASTER_LOCK))?;
+        let file = File::from(beneath::open(
+            &root,
+            MASTER_LOCK,
+            OFlag::O_WRONLY | OFlag::O_CREAT,
+            0o600,
+        )?);
         file.lock()?;
         Ok(MasterLock { _file: file })
     }
-}
-
-/// `O_NOFOLLOW`: the lock is never taken through a symlink.
-fn libc_o_nofollow() -> i32 {
-    nix::fcntl::OFlag::O_NOFOLLOW.bits()
 }
 
 /// The master's exclusive lock on a local spool; released on drop.
@@ -228,138 +236,173 @@ pub struct MasterLock {
     _file: File,
 }
 
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
+fn sync(dir: &OwnedFd) -> io::Result<()> {
+    // An O_PATH descriptor cannot be synced: open the directory for reading.
+    File::from(beneath::open(
+        dir,
+        ".",
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+        0,
+    )?)
+    .sync_all()
 }
 
-fn parent(p: &Path) -> &Path {
-    p.parent().unwrap_or(Path::new("."))
+impl LocalSpool {
+    fn root_fd(&self) -> io::Result<OwnedFd> {
+        beneath::open_root(&self.root)
+    }
+
+    /// The directory holding `rel`'s last component, and that component.
+    fn parent_of<'a>(&self, rel: &'a str) -> io::Result<(OwnedFd, &'a str)> {
+        let (dir, name) = beneath::split(rel)?;
+        Ok((beneath::open_dir(&self.root_fd()?, dir)?, name))
+    }
+
+    /// Writes `data` to a new temporary file beside `name` in `dir` and syncs it.
+    fn write_temp(&self, dir: &OwnedFd, name: &str, data: &[u8]) -> io::Result<String> {
+        let tmp = temp_name(name);
+        let mut f = beneath::create_new(dir, &tmp, 0o644)?;
+        let written = f.write_all(data).and_then(|()| f.sync_all());
+        if let Err(e) = written {
+            let _ = beneath::unlink(dir, &tmp);
+            return Err(e);
+        }
+        Ok(tmp)
+    }
 }
 
+/// Every path is resolved beneath the spool root without following a
+/// symlink (see [`beneath`]): agents write parts of the spool.
 impl SpoolFs for LocalSpool {
     fn read(&self, path: &str) -> io::Result<Vec<u8>> {
-        fs::read(self.path(path))
+        let mut out = Vec::new();
+        beneath::open_file(&self.root_fd()?, path)?.read_to_end(&mut out)?;
+        Ok(out)
+    }
+
+    fn read_capped(&self, path: &str, max: u64) -> io::Result<Option<Vec<u8>>> {
+        let f = match beneath::open_file(&self.root_fd()?, path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        read_at_most(f, path, max).map(Some)
     }
 
     fn write_atomic(&self, path: &str, data: &[u8]) -> io::Result<()> {
-        let target = self.path(path);
-        let tmp = self.path(&temp_name(path));
-        let result = (|| {
-            let mut f = File::create(&tmp)?;
-            f.write_all(data)?;
-            f.sync_all()?;
-            fs::rename(&tmp, &target)?;
-            sync_dir(parent(&target))
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
+        let (dir, name) = self.parent_of(path)?;
+        let tmp = self.write_temp(&dir, name, data)?;
+        if let Err(e) = beneath::rename_replace(&dir, &tmp, name) {
+            let _ = beneath::unlink(&dir, &tmp);
+            return Err(e);
         }
-        result
+        sync(&dir)
     }
 
     fn create_exclusive(&self, path: &str, data: &[u8]) -> io::Result<bool> {
         // Write the whole content under a temporary name, then link it into
         // place: link(2) fails if the target exists, and readers never see a
         // half-written lease.
-        let target = self.path(path);
-        let tmp = self.path(&temp_name(path));
-        let result = (|| {
-            let mut f = File::create(&tmp)?;
-            f.write_all(data)?;
-            f.sync_all()?;
-            match fs::hard_link(&tmp, &target) {
-                Ok(()) => {
-                    sync_dir(parent(&target))?;
-                    Ok(true)
-                }
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
-                Err(e) => Err(e),
-            }
-        })();
-        let _ = fs::remove_file(&tmp);
-        result
+        let (dir, name) = self.parent_of(path)?;
+        let tmp = self.write_temp(&dir, name, data)?;
+        let linked = beneath::link(&dir, &tmp, &dir, name);
+        let _ = beneath::unlink(&dir, &tmp);
+        match linked {
+            Ok(()) => sync(&dir).map(|()| true),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     fn list(&self, dir: &str) -> io::Result<Vec<String>> {
-        let rd = match fs::read_dir(self.path(dir)) {
-            Ok(rd) => rd,
+        let entries = match beneath::entries(&self.root_fd()?, dir) {
+            Ok(e) => e,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(vec![]),
             Err(e) => return Err(e),
         };
-        let mut names = Vec::new();
-        for entry in rd {
-            let name = entry?.file_name();
-            if let Some(n) = name.to_str() {
-                if !n.starts_with(TMP_PREFIX) {
-                    names.push(n.to_string());
-                }
-            }
-        }
+        let mut names: Vec<String> = entries
+            .into_iter()
+            .map(|(n, _)| n)
+            .filter(|n| !n.starts_with(TMP_PREFIX))
+            .collect();
         names.sort();
         Ok(names)
     }
 
     fn size(&self, path: &str) -> io::Result<Option<u64>> {
-        match fs::metadata(self.path(path)) {
-            Ok(m) => Ok(Some(m.len())),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
+        let (dir, name) = match self.parent_of(path) {
+            Ok(p) => p,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        Ok(beneath::kind(&dir, name)?.map(|(_, size)| size))
     }
 
     fn remove(&self, path: &str) -> io::Result<()> {
-        match fs::remove_file(self.path(path)) {
+        let r = self
+            .parent_of(path)
+            .and_then(|(dir, name)| beneath::unlink(&dir, name));
+        match r {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         }
     }
 
     fn remove_dir_all(&self, path: &str) -> io::Result<()> {
-        match fs::remove_dir_all(self.path(path)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
+        match self.parent_of(path) {
+            Ok((dir, name)) => beneath::remove_tree(&dir, name),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
         }
     }
 
     fn mkdir_all(&self, path: &str) -> io::Result<()> {
-        fs::create_dir_all(self.path(path))
+        let mut dir = self.root_fd()?;
+        for comp in path.split('/').filter(|c| !c.is_empty() && *c != ".") {
+            match beneath::mkdir(&dir, comp, 0o755) {
+                Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+                _ => {}
+            }
+            dir = beneath::open_dir(&dir, comp)?;
+        }
+        Ok(())
     }
 
     fn rename_noclobber(&self, from: &str, to: &str) -> io::Result<()> {
-        let (from, to) = (self.path(from), self.path(to));
-        if fs::symlink_metadata(&from)?.is_dir() {
-            // Directories cannot be linked. Only the master renames
-            // directories (publishing images), under its lock, so the check
-            // cannot race another renamer.
-            if fs::symlink_metadata(&to).is_ok() {
-                return Err(io::Error::new(
-                    io::ErrorKind::AlreadyExists,
-                    format!("{} exists", to.display()),
-                ));
-            }
-            fs::rename(&from, &to)?;
-        } else {
-            // link(2) refuses an existing target atomically, as OpenSSH's
-            // sftp-server does for a plain SFTP rename.
-            fs::hard_link(&from, &to)?;
-            fs::remove_file(&from)?;
-        }
-        sync_dir(parent(&to))
+        let (from_dir, from_name) = self.parent_of(from)?;
+        let (to_dir, to_name) = self.parent_of(to)?;
+        beneath::rename_noreplace(&from_dir, from_name, &to_dir, to_name)?;
+        sync(&to_dir)
     }
 
     fn open_read(&self, path: &str) -> io::Result<Box<dyn Read + '_>> {
         Ok(Box::new(io::BufReader::with_capacity(
             1 << 20,
-            File::open(self.path(path))?,
+            beneath::open_file(&self.root_fd()?, path)?,
         )))
     }
 
     fn create_write(&self, path: &str) -> io::Result<Box<dyn Write + '_>> {
+        let (dir, name) = self.parent_of(path)?;
         Ok(Box::new(SyncOnDrop(Some(io::BufWriter::with_capacity(
             1 << 20,
-            File::create(self.path(path))?,
+            beneath::create_truncate(&dir, name, 0o644)?,
         )))))
     }
+}
+
+/// Reads a whole file of at most `max` bytes; a longer one is an error that
+/// says so, and no more than `max + 1` bytes are ever read.
+pub fn read_at_most(r: impl Read, path: &str, max: u64) -> io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    r.take(max.saturating_add(1)).read_to_end(&mut out)?;
+    if out.len() as u64 > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{path} is larger than {max} bytes"),
+        ));
+    }
+    Ok(out)
 }
 
 /// A buffered file writer whose `flush` also syncs the file to disk.
