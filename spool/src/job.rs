@@ -1,17 +1,20 @@
 //! Job spec v1: the TOML file an operator writes to describe one image.
 //!
 //! `parse_job` is pure and reports the first problem as `field: problem`;
-//! `load_job` adds the file's name. Unknown fields are refused.
+//! `load_job` adds the file's name. Unknown fields are refused, and every
+//! string and list has a bound (the `MAX_` constants below) so that a job
+//! costs an agent little memory and its fields fit where they are written.
 
 use std::collections::BTreeSet;
 use std::fmt;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::de::{self, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::names::{check_job_id, check_payload_name, check_target_path};
-use crate::units::{Size, Span};
+use crate::units::{Size, TimeLimit};
 
 /// A job spec that failed to load: which file, which field, what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -52,6 +55,99 @@ pub const MIN_PRIORITY: u32 = 0;
 pub const MAX_PRIORITY: u32 = 1000;
 pub const MAX_ATTEMPTS_LIMIT: u32 = 100;
 
+/// Longest job file, in bytes. Inline files and scripts are for
+/// configuration; anything bigger belongs in a payload.
+pub const MAX_JOB_BYTES: usize = 1 << 20;
+/// Longest description, in bytes.
+pub const MAX_DESCRIPTION: usize = 4096;
+/// Most partitions: what a GPT's usual entry array holds.
+pub const MAX_PARTITIONS: usize = 128;
+pub const MAX_PAYLOADS: usize = 64;
+pub const MAX_USERS: usize = 256;
+/// Most supplementary groups per user.
+pub const MAX_USER_GROUPS: usize = 64;
+/// Longest home or shell, in bytes: both are fields of an /etc/passwd line.
+pub const MAX_ACCOUNT_PATH: usize = 256;
+/// Longest password hash, in bytes (a yescrypt or SHA-512 crypt hash is
+/// about 100).
+pub const MAX_PASSWORD_HASH: usize = 512;
+/// Most authorized keys per user.
+pub const MAX_AUTHORIZED_KEYS: usize = 64;
+/// Longest authorized key line, in bytes: OpenSSH's own bound on a key.
+pub const MAX_AUTHORIZED_KEY: usize = 16 << 10;
+pub const MAX_FILES: usize = 1024;
+/// Largest content of one configured file, in bytes.
+pub const MAX_FILE_CONTENT: usize = 256 << 10;
+pub const MAX_STEPS: usize = 256;
+/// Longest step name, in bytes.
+pub const MAX_STEP_NAME: usize = 64;
+/// Longest step script, in bytes: it is passed as one argument to `sh -c`,
+/// and the kernel refuses an argument of 128 KiB or more.
+pub const MAX_STEP_RUN: usize = 64 << 10;
+
+/// A job's time limit when its file gives none.
+pub const DEFAULT_TIME_LIMIT: TimeLimit = match TimeLimit::from_secs(60 * 60) {
+    Ok(t) => t,
+    Err(_) => panic!("the default job time limit is out of range"),
+};
+/// A step's time limit when its file gives none.
+pub const DEFAULT_STEP_TIME_LIMIT: TimeLimit = match TimeLimit::from_secs(10 * 60) {
+    Ok(t) => t,
+    Err(_) => panic!("the default step time limit is out of range"),
+};
+
+/// Directories no user may have as home. The agent makes a home its user's
+/// (owner, mode 0750), which for these would hand the system over or lock
+/// everyone else out. `/root` is root's own.
+pub const SYSTEM_DIRS: &[&str] = &[
+    "/",
+    "/bin",
+    "/boot",
+    "/dev",
+    "/etc",
+    "/home",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/media",
+    "/mnt",
+    "/opt",
+    "/proc",
+    "/root",
+    "/run",
+    "/sbin",
+    "/srv",
+    "/sys",
+    "/tmp",
+    "/usr",
+    "/usr/bin",
+    "/usr/include",
+    "/usr/lib",
+    "/usr/lib32",
+    "/usr/lib64",
+    "/usr/libexec",
+    "/usr/libx32",
+    "/usr/local",
+    "/usr/local/bin",
+    "/usr/local/lib",
+    "/usr/local/sbin",
+    "/usr/local/share",
+    "/usr/sbin",
+    "/usr/share",
+    "/usr/src",
+    "/var",
+    "/var/cache",
+    "/var/lib",
+    "/var/log",
+    "/var/mail",
+    "/var/spool",
+    "/var/tmp",
+];
+
+/// Kernel file systems: nothing beneath them is a home.
+const PSEUDO_FS_DIRS: [&str; 3] = ["/dev/", "/proc/", "/sys/"];
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
@@ -59,7 +155,7 @@ pub struct JobSpec {
     #[serde(default = "default_priority")]
     pub priority: u32,
     #[serde(default = "default_time_limit")]
-    pub time_limit: Span,
+    pub time_limit: TimeLimit,
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
     #[serde(default)]
@@ -78,8 +174,8 @@ pub struct JobSpec {
 fn default_priority() -> u32 {
     500
 }
-fn default_time_limit() -> Span {
-    Span::from_secs(3600)
+fn default_time_limit() -> TimeLimit {
+    DEFAULT_TIME_LIMIT
 }
 fn default_max_attempts() -> u32 {
     3
@@ -282,11 +378,11 @@ pub struct Step {
     #[serde(rename = "where", default)]
     pub place: StepPlace,
     #[serde(default = "default_step_time_limit")]
-    pub time_limit: Span,
+    pub time_limit: TimeLimit,
 }
 
-fn default_step_time_limit() -> Span {
-    Span::from_secs(600)
+fn default_step_time_limit() -> TimeLimit {
+    DEFAULT_STEP_TIME_LIMIT
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -326,6 +422,7 @@ fn default_level() -> i32 {
 
 /// Parses and validates a job spec. The error names the field and the problem.
 pub fn parse_job(text: &str) -> Result<JobSpec, JobError> {
+    check(text.len() <= MAX_JOB_BYTES, "", too_large(text.len()))?;
     let de = toml::Deserializer::new(text);
     let spec: JobSpec = serde_path_to_error::deserialize(de).map_err(|e| {
         let field = e.path().to_string();
@@ -342,11 +439,31 @@ pub fn parse_job(text: &str) -> Result<JobSpec, JobError> {
     Ok(spec)
 }
 
-/// Reads, parses and validates a job file.
+/// Reads, parses and validates a job file. Reads no more of it than a job
+/// may hold.
 pub fn load_job(path: &Path) -> Result<JobSpec, JobError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| JobError::new("", format!("cannot read: {e}")).in_file(path))?;
+    let fail = |problem: String| JobError::new("", problem).in_file(path);
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_JOB_BYTES as u64 + 1).read_to_end(&mut bytes))
+        .map_err(|e| fail(format!("cannot read: {e}")))?;
+    if bytes.len() > MAX_JOB_BYTES {
+        return Err(fail(too_large(bytes.len())));
+    }
+    let text = String::from_utf8(bytes).map_err(|e| {
+        fail(format!(
+            "is not UTF-8 text (byte {})",
+            e.utf8_error().valid_up_to()
+        ))
+    })?;
     parse_job(&text).map_err(|e| e.in_file(path))
+}
+
+fn too_large(len: usize) -> String {
+    format!(
+        "the job is {len} bytes or more; at most {MAX_JOB_BYTES} are allowed \
+         (large files belong in a payload)"
+    )
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
@@ -368,6 +485,37 @@ fn at<T>(field: impl Into<String>, r: Result<T, String>) -> Result<T, JobError> 
     r.map_err(|p| JobError::new(field, p))
 }
 
+fn check_len(field: impl Into<String>, text: &str, max: usize) -> Result<(), JobError> {
+    check(
+        text.len() <= max,
+        field,
+        format!("is {} bytes long; at most {max} are allowed", text.len()),
+    )
+}
+
+fn check_count<T>(
+    field: impl Into<String>,
+    items: &[T],
+    max: usize,
+    what: &str,
+) -> Result<(), JobError> {
+    check(
+        items.len() <= max,
+        field,
+        format!("has {} {what}; at most {max} are allowed", items.len()),
+    )
+}
+
+/// A field of an /etc/passwd, /etc/group or /etc/shadow line: `:` would
+/// split it and a newline would start a line of its own.
+fn check_account_field(field: impl Into<String>, text: &str, file: &str) -> Result<(), JobError> {
+    check(
+        !text.contains([':', '\n', '\r', '\0']),
+        field,
+        format!("holds ':', a newline or NUL, which would corrupt {file}"),
+    )
+}
+
 fn validate(spec: &JobSpec) -> Result<(), JobError> {
     at("id", check_job_id(&spec.id))?;
     check(
@@ -386,6 +534,15 @@ fn validate(spec: &JobSpec) -> Result<(), JobError> {
             spec.max_attempts
         ),
     )?;
+    check_len("description", &spec.description, MAX_DESCRIPTION)?;
+    check(
+        !spec
+            .description
+            .chars()
+            .any(|c| c.is_control() && c != '\n' && c != '\t'),
+        "description",
+        "holds a control character other than a newline or a tab",
+    )?;
     validate_disk(&spec.disk)?;
     let has_root = spec
         .disk
@@ -393,6 +550,7 @@ fn validate(spec: &JobSpec) -> Result<(), JobError> {
         .iter()
         .any(|p| p.mount.as_deref() == Some("/"));
 
+    check_count("payloads", &spec.payloads, MAX_PAYLOADS, "payloads")?;
     for (i, p) in spec.payloads.iter().enumerate() {
         let f = format!("payloads[{i}]");
         at(format!("{f}.name"), check_payload_name(&p.name))?;
@@ -421,16 +579,24 @@ fn validate(spec: &JobSpec) -> Result<(), JobError> {
 
     validate_configure(&spec.configure)?;
 
+    check_count("steps", &spec.steps, MAX_STEPS, "steps")?;
     let mut step_names = BTreeSet::new();
     for (i, s) in spec.steps.iter().enumerate() {
         let f = format!("steps[{i}]");
         check(!s.name.trim().is_empty(), format!("{f}.name"), "is empty")?;
+        check_len(format!("{f}.name"), &s.name, MAX_STEP_NAME)?;
+        check(
+            !s.name.chars().any(char::is_control),
+            format!("{f}.name"),
+            "holds a control character",
+        )?;
         check(
             step_names.insert(&s.name),
             format!("{f}.name"),
             format!("{:?} is used by an earlier step", s.name),
         )?;
         check(!s.run.trim().is_empty(), format!("{f}.run"), "is empty")?;
+        check_len(format!("{f}.run"), &s.run, MAX_STEP_RUN)?;
         check(
             !s.run.contains('\0'),
             format!("{f}.run"),
@@ -468,6 +634,12 @@ fn validate_disk(disk: &Disk) -> Result<(), JobError> {
         !disk.partitions.is_empty(),
         "disk.partitions",
         "the layout has no partitions",
+    )?;
+    check_count(
+        "disk.partitions",
+        &disk.partitions,
+        MAX_PARTITIONS,
+        "partitions",
     )?;
     if disk.table == Table::Mbr {
         check(
@@ -578,6 +750,7 @@ fn validate_configure(c: &Configure) -> Result<(), JobError> {
             format!("{tz:?} is not a zone name like \"Europe/Paris\" or \"UTC\""),
         )?;
     }
+    check_count("configure.users", &c.users, MAX_USERS, "users")?;
     let mut names = BTreeSet::new();
     for (i, u) in c.users.iter().enumerate() {
         let f = format!("configure.users[{i}]");
@@ -594,25 +767,42 @@ fn validate_configure(c: &Configure) -> Result<(), JobError> {
             format!("{f}.name"),
             format!("{:?} is defined twice", u.name),
         )?;
+        for (field, id) in [("uid", u.uid), ("gid", u.gid)] {
+            if let Some(id) = id {
+                check(
+                    id != u32::MAX && id != u32::from(u16::MAX),
+                    format!("{f}.{field}"),
+                    format!(
+                        "{id} is reserved: it means \"no id\" to the kernel or to 16-bit tools"
+                    ),
+                )?;
+            }
+        }
+        check_count(format!("{f}.groups"), &u.groups, MAX_USER_GROUPS, "groups")?;
         for (j, g) in u.groups.iter().enumerate() {
             check(
                 valid_account_name(g),
                 format!("{f}.groups[{j}]"),
-                format!("{g:?} is not a group name"),
+                format!("{g:?} is not a group name ([a-z_][a-z0-9_-]*, at most 32)"),
             )?;
         }
-        at(format!("{f}.shell"), check_target_path(&u.shell))?;
+        validate_account_path(&format!("{f}.shell"), &u.shell)?;
         if let Some(h) = &u.home {
-            at(format!("{f}.home"), check_target_path(h))?;
+            validate_account_path(&format!("{f}.home"), h)?;
+            validate_home(&format!("{f}.home"), &u.name, h)?;
         }
         if let Some(p) = &u.password_hash {
-            check(
-                !p.contains([':', '\n', '\0']),
-                format!("{f}.password_hash"),
-                "holds ':', a newline or NUL, which would corrupt /etc/shadow",
-            )?;
+            check_len(format!("{f}.password_hash"), p, MAX_PASSWORD_HASH)?;
+            check_account_field(format!("{f}.password_hash"), p, "/etc/shadow")?;
         }
+        check_count(
+            format!("{f}.authorized_keys"),
+            &u.authorized_keys,
+            MAX_AUTHORIZED_KEYS,
+            "keys",
+        )?;
         for (j, k) in u.authorized_keys.iter().enumerate() {
+            check_len(format!("{f}.authorized_keys[{j}]"), k, MAX_AUTHORIZED_KEY)?;
             check(
                 !k.trim().is_empty() && !k.contains(['\n', '\r', '\0']),
                 format!("{f}.authorized_keys[{j}]"),
@@ -620,6 +810,7 @@ fn validate_configure(c: &Configure) -> Result<(), JobError> {
             )?;
         }
     }
+    check_count("configure.files", &c.files, MAX_FILES, "files")?;
     let mut paths = BTreeSet::new();
     for (i, file) in c.files.iter().enumerate() {
         let f = format!("configure.files[{i}]");
@@ -634,6 +825,7 @@ fn validate_configure(c: &Configure) -> Result<(), JobError> {
             format!("{f}.path"),
             format!("{:?} is written by an earlier file", file.path),
         )?;
+        check_len(format!("{f}.content"), &file.content, MAX_FILE_CONTENT)?;
         let mut parts = file.owner.splitn(2, ':');
         let user = parts.next().unwrap_or("");
         let group = parts.next().unwrap_or(user);
@@ -649,6 +841,32 @@ fn validate_configure(c: &Configure) -> Result<(), JobError> {
         )?;
     }
     Ok(())
+}
+
+/// A home or a shell: a path in the target that fits an /etc/passwd field.
+fn validate_account_path(field: &str, path: &str) -> Result<(), JobError> {
+    check_account_field(field, path, "/etc/passwd")?;
+    check_len(field, path, MAX_ACCOUNT_PATH)?;
+    at(field, check_target_path(path))
+}
+
+/// A home the agent may make its user's: not a system directory.
+fn validate_home(field: &str, user: &str, home: &str) -> Result<(), JobError> {
+    let dir = match home.trim_end_matches('/') {
+        "" => "/",
+        d => d,
+    };
+    let system = SYSTEM_DIRS.contains(&dir) && !(dir == "/root" && user == "root");
+    check(
+        !system,
+        field,
+        format!("{home:?} is a system directory, which the agent would hand to {user:?}"),
+    )?;
+    check(
+        !PSEUDO_FS_DIRS.iter().any(|d| dir.starts_with(d)),
+        field,
+        format!("{home:?} is inside a kernel file system"),
+    )
 }
 
 fn valid_account_name(n: &str) -> bool {
@@ -705,5 +923,151 @@ mount = "/"
     fn syntax_errors_give_a_position() {
         let e = parse_job("id = \n").unwrap_err();
         assert!(e.problem.contains("line 1"), "{e}");
+    }
+
+    fn with_user(fields: &str) -> String {
+        format!("{MINIMAL}[[configure.users]]\n{fields}\n")
+    }
+
+    #[test]
+    fn time_limits_are_at_most_a_week() {
+        let job = |limit: &str| parse_job(&format!("time_limit = \"{limit}\"\n{MINIMAL}"));
+        assert_eq!(job("7days").unwrap().time_limit, TimeLimit::MAX);
+        let e = job("10000y").unwrap_err();
+        assert_eq!(e.field, "time_limit");
+        assert!(e.problem.contains("longer than 7days"), "{e}");
+        let step = |limit: &str| {
+            parse_job(&format!(
+                "{MINIMAL}[[steps]]\nname = \"s\"\nrun = \"true\"\ntime_limit = \"{limit}\"\n"
+            ))
+        };
+        assert_eq!(step("7d").unwrap().steps[0].time_limit, TimeLimit::MAX);
+        assert_eq!(step("8d").unwrap_err().field, "steps[0].time_limit");
+        assert_eq!(
+            parse_job(&format!(
+                "{MINIMAL}[[steps]]\nname = \"s\"\nrun = \"true\"\n"
+            ))
+            .unwrap()
+            .steps[0]
+                .time_limit
+                .as_secs(),
+            600
+        );
+    }
+
+    #[test]
+    fn a_job_at_each_bound_is_accepted_and_one_past_it_refused() {
+        let desc = |n: usize| parse_job(&format!("description = \"{}\"\n{MINIMAL}", "d".repeat(n)));
+        desc(MAX_DESCRIPTION).unwrap();
+        assert_eq!(desc(MAX_DESCRIPTION + 1).unwrap_err().field, "description");
+
+        let steps = |n: usize| {
+            let mut t = MINIMAL.to_string();
+            for i in 0..n {
+                t.push_str(&format!("[[steps]]\nname = \"s{i}\"\nrun = \"true\"\n"));
+            }
+            parse_job(&t)
+        };
+        steps(MAX_STEPS).unwrap();
+        let e = steps(MAX_STEPS + 1).unwrap_err();
+        assert_eq!(e.field, "steps");
+        assert!(e.problem.contains(&MAX_STEPS.to_string()), "{e}");
+
+        let run = |n: usize| {
+            parse_job(&format!(
+                "{MINIMAL}[[steps]]\nname = \"s\"\nrun = \"{}\"\n",
+                "x".repeat(n)
+            ))
+        };
+        run(MAX_STEP_RUN).unwrap();
+        assert_eq!(run(MAX_STEP_RUN + 1).unwrap_err().field, "steps[0].run");
+
+        let content = |n: usize| {
+            parse_job(&format!(
+                "{MINIMAL}[[configure.files]]\npath = \"/etc/a\"\ncontent = \"{}\"\n",
+                "c".repeat(n)
+            ))
+        };
+        content(MAX_FILE_CONTENT).unwrap();
+        assert_eq!(
+            content(MAX_FILE_CONTENT + 1).unwrap_err().field,
+            "configure.files[0].content"
+        );
+
+        let groups = |n: usize| {
+            let list: Vec<String> = (0..n).map(|i| format!("\"g{i}\"")).collect();
+            parse_job(&with_user(&format!(
+                "name = \"u\"\ngroups = [{}]",
+                list.join(",")
+            )))
+        };
+        groups(MAX_USER_GROUPS).unwrap();
+        assert_eq!(
+            groups(MAX_USER_GROUPS + 1).unwrap_err().field,
+            "configure.users[0].groups"
+        );
+    }
+
+    #[test]
+    fn a_job_past_its_size_is_refused_before_parsing() {
+        let mut text = MINIMAL.to_string();
+        text.push('#');
+        text.push_str(&"x".repeat(MAX_JOB_BYTES));
+        let e = parse_job(&text).unwrap_err();
+        assert_eq!(e.field, "");
+        assert!(e.problem.contains("at most 1048576"), "{e}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.toml");
+        std::fs::write(&path, &text).unwrap();
+        let e = load_job(&path).unwrap_err();
+        assert!(e.problem.contains("or more; at most 1048576"), "{e}");
+        std::fs::write(&path, b"id = \"\xff\"").unwrap();
+        assert!(load_job(&path).unwrap_err().problem.contains("not UTF-8"));
+    }
+
+    #[test]
+    fn homes_and_shells_fit_passwd_and_spare_system_directories() {
+        let user =
+            |name: &str, extra: &str| parse_job(&with_user(&format!("name = \"{name}\"\n{extra}")));
+        user("root", "home = \"/root\"").unwrap();
+        user("ops", "home = \"/srv/ops/\"\nshell = \"/usr/bin/zsh\"").unwrap();
+        user("postgres", "home = \"/var/lib/postgresql\"").unwrap();
+        for (home, problem) in [
+            ("/", "system directory"),
+            ("/root", "system directory"),
+            ("/usr/bin/", "system directory"),
+            ("/var/tmp", "system directory"),
+            ("/sys/kernel", "kernel file system"),
+            ("/home/ops:x", "/etc/passwd"),
+            ("/home/ops\\n", "/etc/passwd"),
+        ] {
+            let e = user("ops", &format!("home = \"{home}\"")).unwrap_err();
+            assert_eq!(e.field, "configure.users[0].home", "{home}: {e}");
+            assert!(e.problem.contains(problem), "{home}: {e}");
+        }
+        for shell in ["/bin/sh:", "/bin/sh\\r", "/bin/sh\\u0000"] {
+            let e = user("ops", &format!("shell = \"{shell}\"")).unwrap_err();
+            assert_eq!(e.field, "configure.users[0].shell", "{shell}: {e}");
+        }
+        let e = user("ops", "password_hash = \"x\\ny\"").unwrap_err();
+        assert_eq!(e.field, "configure.users[0].password_hash");
+        for id in ["uid = 4294967295", "gid = 65535"] {
+            assert!(
+                user("ops", id).unwrap_err().problem.contains("reserved"),
+                "{id}"
+            );
+        }
+        user("ops", "uid = 65534\ngid = 4294967294").unwrap();
+    }
+
+    #[test]
+    fn the_default_home_passes_its_own_checks() {
+        for name in ["root", "ops"] {
+            let job = parse_job(&with_user(&format!("name = \"{name}\""))).unwrap();
+            let home = job.configure.users[0].home_dir();
+            let explicit = with_user(&format!("name = \"{name}\"\nhome = \"{home}\""));
+            parse_job(&explicit).unwrap();
+        }
     }
 }

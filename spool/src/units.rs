@@ -1,4 +1,5 @@
-//! Human-written sizes (`64MiB`, `2GiB`) and durations (`30m`, `1h 30m`).
+//! Human-written sizes (`64MiB`, `2GiB`), durations (`30m`, `1h 30m`) and
+//! the bounded durations jobs and steps are given as time limits.
 
 use std::fmt;
 use std::time::Duration;
@@ -173,6 +174,94 @@ impl<'de> Deserialize<'de> for Span {
     }
 }
 
+/// A job's or a step's time limit: from [`TimeLimit::MIN`] to
+/// [`TimeLimit::MAX`]. Every deadline is a timestamp plus one of these, so the
+/// bound keeps deadlines in a range a timestamp can hold and a lease can be
+/// reaped within a week.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct TimeLimit(Duration);
+
+/// Why a duration is not a time limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TimeLimitError {
+    #[error("is shorter than 1s, the shortest time limit")]
+    TooShort,
+    #[error("is longer than 7days, the longest time limit")]
+    TooLong,
+}
+
+impl TimeLimit {
+    /// One second: deadlines are counted in whole seconds.
+    pub const MIN: TimeLimit = TimeLimit(Duration::from_secs(1));
+    /// Seven days.
+    pub const MAX: TimeLimit = TimeLimit(Duration::from_secs(7 * 24 * 60 * 60));
+
+    /// `d` as a time limit, if it lies between [`TimeLimit::MIN`] and [`TimeLimit::MAX`].
+    pub const fn new(d: Duration) -> Result<TimeLimit, TimeLimitError> {
+        let (secs, max) = (d.as_secs(), Self::MAX.0.as_secs());
+        if secs < Self::MIN.0.as_secs() {
+            Err(TimeLimitError::TooShort)
+        } else if secs > max || (secs == max && d.subsec_nanos() > 0) {
+            Err(TimeLimitError::TooLong)
+        } else {
+            Ok(TimeLimit(d))
+        }
+    }
+
+    pub const fn from_secs(secs: u64) -> Result<TimeLimit, TimeLimitError> {
+        Self::new(Duration::from_secs(secs))
+    }
+
+    pub const fn as_duration(self) -> Duration {
+        self.0
+    }
+
+    pub const fn as_secs(self) -> u64 {
+        self.0.as_secs()
+    }
+}
+
+/// An hour, the job spec's default.
+impl Default for TimeLimit {
+    fn default() -> Self {
+        TimeLimit(Duration::from_secs(60 * 60))
+    }
+}
+
+/// Parses a time limit such as `30m` or `2h`: positive, at most 7 days.
+pub fn parse_time_limit(text: &str) -> Result<TimeLimit, String> {
+    let span = parse_span(text)?;
+    TimeLimit::new(span.0).map_err(|e| format!("{text:?} {e}"))
+}
+
+impl fmt::Display for TimeLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+impl Serialize for TimeLimit {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for TimeLimit {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = TimeLimit;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a duration like \"30m\" or \"2h\", at most 7 days")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<TimeLimit, E> {
+                parse_time_limit(v).map_err(E::custom)
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,5 +287,37 @@ mod tests {
         assert_eq!(parse_span("1h 30m").unwrap().as_secs(), 5400);
         assert!(parse_span("0s").unwrap_err().contains("zero"));
         assert!(parse_span("soon").is_err());
+    }
+
+    #[test]
+    fn time_limits_are_bounded() {
+        assert_eq!(parse_time_limit("45m").unwrap().as_secs(), 45 * 60);
+        assert_eq!(parse_time_limit("7days").unwrap(), TimeLimit::MAX);
+        assert_eq!(parse_time_limit("1s").unwrap(), TimeLimit::MIN);
+        for long in ["7days 1s", "8d", "10000y"] {
+            let e = parse_time_limit(long).unwrap_err();
+            assert!(e.contains("longer than 7days"), "{long}: {e}");
+        }
+        assert!(parse_time_limit("500ms").unwrap_err().contains("shorter"));
+        assert!(parse_time_limit("0s").unwrap_err().contains("zero"));
+        assert_eq!(
+            TimeLimit::new(TimeLimit::MAX.as_duration() + Duration::from_nanos(1)),
+            Err(TimeLimitError::TooLong)
+        );
+        assert_eq!(TimeLimit::from_secs(0), Err(TimeLimitError::TooShort));
+        assert_eq!(TimeLimit::default().as_secs(), 3600);
+    }
+
+    #[test]
+    fn a_time_limit_round_trips_and_refuses_too_long_in_toml() {
+        #[derive(Debug, Serialize, Deserialize)]
+        struct W {
+            time_limit: TimeLimit,
+        }
+        let w: W = toml::from_str("time_limit = \"1h 30m\"").unwrap();
+        let back: W = toml::from_str(&toml::to_string(&w).unwrap()).unwrap();
+        assert_eq!(back.time_limit, w.time_limit);
+        let e = toml::from_str::<W>("time_limit = \"10000y\"").unwrap_err();
+        assert!(e.to_string().contains("longer than 7days"), "{e}");
     }
 }
