@@ -12,13 +12,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use kiln_protocol::master::{self, JobState, JobView, MasterError};
-use kiln_protocol::names::check_payload_name;
-use kiln_protocol::publish::reap;
-use kiln_protocol::spool::{payload_path, JOB_LIST, PAYLOADS};
-use kiln_protocol::time::{format_secs, Timestamp};
-use kiln_protocol::units::{human_bytes, Span};
-use kiln_protocol::LocalSpool;
+use kiln_spool::master::reap;
+use kiln_spool::master::{self, JobState, JobView, MasterError};
+use kiln_spool::names::check_payload_name;
+use kiln_spool::printable::{needs_escape, printable};
+use kiln_spool::spool::{payload_path, JOB_LIST, PAYLOADS};
+use kiln_spool::time::{format_secs, Timestamp};
+use kiln_spool::units::{human_bytes, Span};
+use kiln_spool::LocalSpool;
 
 /// The kiln master: keeps the job list, reaps expired leases, publishes
 /// verified images, and gives the operator a console (`kiln-master tui`).
@@ -110,7 +111,7 @@ pub enum PayloadCommand {
 }
 
 fn parse_interval(s: &str) -> Result<Span, String> {
-    kiln_protocol::units::parse_span(s)
+    kiln_spool::units::parse_span(s)
 }
 
 /// An error with the exit code it deserves.
@@ -155,7 +156,8 @@ pub fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            eprintln!("kiln-master: {:#}", f.error);
+            // An error can quote what an agent wrote (a lease that does not parse).
+            eprintln!("kiln-master: {}", printable(&format!("{:#}", f.error)));
             ExitCode::from(f.code)
         }
     }
@@ -233,10 +235,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let spool = open_spool(&cli.spool)?;
             let views = master::job_views(&spool, now)?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&views).context("writing JSON")?
-                );
+                println!("{}", json_text(&views)?);
             } else {
                 print!("{}", format_table(&views));
             }
@@ -254,10 +253,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     })),
                     "spec": spec.as_ref().map(|(text, _)| text),
                 });
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&value).context("writing JSON")?
-                );
+                println!("{}", json_text(&value)?);
             } else {
                 print!(
                     "{}",
@@ -288,7 +284,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let _lock = lock(&spool)?;
             let report = reap(&spool, now)?;
             for line in report.lines() {
-                println!("{line}");
+                println!("{}", printable(&line));
             }
             if report.is_empty() {
                 println!("nothing to do");
@@ -335,7 +331,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
     Ok(())
 }
 
-fn lock(spool: &LocalSpool) -> Result<kiln_protocol::spool::MasterLock, Failure> {
+fn lock(spool: &LocalSpool) -> Result<kiln_spool::spool::MasterLock, Failure> {
     Ok(spool
         .lock()
         .with_context(|| format!("locking {}", spool.root().display()))?)
@@ -371,7 +367,7 @@ fn add_payload(
     if let Some(dir) = target.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let tmp = spool.path(&kiln_protocol::spool::temp_name(&rel));
+    let tmp = spool.path(&kiln_spool::spool::temp_name(&rel));
     let result = (|| -> anyhow::Result<(String, u64)> {
         let mut out = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         let mut hasher = blake3::Hasher::new();
@@ -433,10 +429,10 @@ fn serve(spool: &LocalSpool, interval: Duration) -> Result<(), Failure> {
             match reap(spool, Timestamp::now()) {
                 Ok(report) => {
                     for line in report.lines() {
-                        println!("{} {line}", Timestamp::now());
+                        println!("{} {}", Timestamp::now(), printable(&line));
                     }
                 }
-                Err(e) => eprintln!("kiln-master: reap failed: {e:#}"),
+                Err(e) => eprintln!("kiln-master: reap failed: {}", printable(&format!("{e:#}"))),
             }
         }
         let until = std::time::Instant::now() + interval;
@@ -462,11 +458,11 @@ fn format_table(views: &[JobView]) -> String {
     .map(String::from)];
     for v in views {
         rows.push([
-            v.id.clone(),
+            printable(&v.id).into_owned(),
             v.priority.to_string(),
             v.state.to_string(),
-            v.holder.clone().unwrap_or_else(|| "-".into()),
-            v.phase.clone().unwrap_or_else(|| "-".into()),
+            v.holder.as_deref().map_or("-".into(), shown),
+            v.phase.as_deref().map_or("-".into(), shown),
             v.progress
                 .map(|p| format!("{:.0}%", p * 100.0))
                 .unwrap_or_else(|| "-".into()),
@@ -494,7 +490,11 @@ fn format_table(views: &[JobView]) -> String {
         })
         .collect();
     for v in failed {
-        out.push_str(&format!("{}: {}\n", v.id, v.message));
+        out.push_str(&format!(
+            "{}: {}\n",
+            printable(&v.id),
+            printable(&v.message)
+        ));
     }
     out
 }
@@ -502,38 +502,66 @@ fn format_table(views: &[JobView]) -> String {
 fn format_show(v: &JobView, spec: Option<&str>) -> String {
     let mut out = format!(
         "job        {}\nstate      {}\npriority   {}\nattempts   {}/{}\nsubmitted  {}\n",
-        v.id, v.state, v.priority, v.attempts, v.max_attempts, v.submitted
+        printable(&v.id),
+        v.state,
+        v.priority,
+        v.attempts,
+        v.max_attempts,
+        v.submitted
     );
     if let Some(l) = &v.lease {
         out.push_str(&format!(
             "lease      {} (token {}), acquired {}, deadline {} ({} left)\n",
-            l.agent,
-            l.token,
+            printable(&l.agent),
+            printable(&l.token),
             l.acquired,
             l.deadline,
             v.remaining.map(format_secs).unwrap_or_default()
         ));
     } else if let Some(h) = &v.holder {
-        out.push_str(&format!("built by   {h}\n"));
+        out.push_str(&format!("built by   {}\n", printable(h)));
     }
     if let Some(s) = &v.status {
         out.push_str(&format!(
             "status     {:?} in {} ({:.0}%), updated {}\n",
             s.state,
-            s.phase,
+            printable(&s.phase),
             s.progress * 100.0,
             s.updated
         ));
     }
     if !v.message.is_empty() {
-        out.push_str(&format!("message    {}\n", v.message));
+        out.push_str(&format!("message    {}\n", printable(&v.message)));
     }
     if let Some(text) = spec {
         out.push_str("\n# spec\n");
-        out.push_str(text);
-        if !text.ends_with('\n') {
+        for line in text.lines() {
+            out.push_str(&printable(line));
             out.push('\n');
         }
     }
     out
+}
+
+/// Pretty JSON that is also safe on a terminal: serde_json escapes C0
+/// controls, and DEL, C1 controls and bidi controls (which can only occur
+/// inside strings) become `\uXXXX` too, so the value read back is the same.
+fn json_text(value: &impl serde::Serialize) -> anyhow::Result<String> {
+    let text = serde_json::to_string_pretty(value).context("writing JSON")?;
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if needs_escape(c) && c != '\n' {
+            for unit in c.encode_utf16(&mut [0; 2]) {
+                out.push_str(&format!("\\u{unit:04x}"));
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    Ok(out)
+}
+
+/// An agent-written field for a table cell.
+fn shown(s: &str) -> String {
+    printable(s).into_owned()
 }

@@ -76,7 +76,9 @@ pub fn printable_log_line(line: &str) -> Cow<'_, str> {
     Cow::Owned(text)
 }
 
-fn needs_escape(c: char) -> bool {
+/// Whether [`printable`] escapes `c`: for encoders of other formats (JSON)
+/// that must keep the same characters away from a terminal.
+pub fn needs_escape(c: char) -> bool {
     c.is_control() || is_bidi_control(c) || matches!(c, '\u{2028}' | '\u{2029}')
 }
 
