@@ -50,10 +50,12 @@ pub enum Mode {
     Help,
     /// Typing the filter; the lists follow as it changes.
     Filter,
-    /// Typing the path of a job file to add; `error` is why the last try failed.
+    /// Typing the path of a job file to add; `error` is why the last try
+    /// failed, `adding` says the writer has it.
     AddJob {
         input: String,
         error: Option<String>,
+        adding: bool,
     },
     Confirm(Confirm),
     /// The selected job's log, full screen, `up` lines above its end.
@@ -100,6 +102,8 @@ pub struct App {
     pub note: Option<Note>,
     /// The last thing the background reaper did.
     pub reaper_note: Option<Note>,
+    /// Changes handed to the spool writer whose outcome has not come back.
+    pub pending: usize,
     pub quit: bool,
 }
 
@@ -128,6 +132,7 @@ impl App {
             detail_scroll: 0,
             note: None,
             reaper_note: None,
+            pending: 0,
             quit: false,
         }
     }

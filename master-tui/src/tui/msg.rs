@@ -1,11 +1,13 @@
 //! Everything that can happen to the console becomes a [`Msg`]; what `update`
-//! wants done outside itself (reading the spool) comes back as an [`Effect`].
+//! wants done outside itself (reading or changing the spool) comes back as an
+//! [`Effect`].
 
 use crossterm::event::{Event, KeyEvent, KeyEventKind};
 use kiln_spool::master::ReapReport;
 use kiln_spool::time::Timestamp;
 
 use super::spool_state::{Detail, SpoolState};
+use super::spool_write::Change;
 
 #[derive(Debug)]
 pub enum Msg {
@@ -27,6 +29,14 @@ pub enum Msg {
     Detail(Box<Detail>),
     /// One pass of the background reaper and publisher.
     Reaped(Result<ReapReport, String>),
+    /// A [`Change`] was made (what it did) or refused (why).
+    Changed(Result<String, String>),
+    /// Adding the job file typed as `input` ended: the new job's id and
+    /// priority, or why not.
+    Added {
+        input: String,
+        result: Result<(String, u32), String>,
+    },
 }
 
 impl Msg {
@@ -41,11 +51,14 @@ impl Msg {
     }
 }
 
-/// Work `update` asks the runtime to do off the UI thread.
+/// Work `update` asks the runtime to do off the UI thread: reads go to the
+/// spool reader, changes to the spool writer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
     /// Read the spool again.
     Refresh,
     /// Read a job's spec and log.
     LoadDetail(String),
+    /// Change the spool under the masters' lock.
+    Change(Change),
 }

@@ -7,6 +7,7 @@ use std::io::{Read, Seek, SeekFrom};
 
 use kiln_spool::manifest::ImageManifest;
 use kiln_spool::master::{job_views, read_job_spec, JobState, JobView};
+use kiln_spool::printable::printable_log_line;
 use kiln_spool::spool::{image_dir, log_path, status_path, IMAGES, STATUS};
 use kiln_spool::status::Status;
 use kiln_spool::time::Timestamp;
@@ -251,20 +252,14 @@ fn read_tail(spool: &LocalSpool, rel: &str) -> std::io::Result<Option<Vec<String
     let mut buf = Vec::with_capacity((len - start) as usize);
     f.take(LOG_TAIL_BYTES).read_to_end(&mut buf)?;
     let text = String::from_utf8_lossy(&buf);
-    let mut lines: Vec<String> = text.lines().map(clean_line).collect();
+    let mut lines: Vec<String> = text
+        .lines()
+        .map(|l| printable_log_line(l).into_owned())
+        .collect();
     if start > 0 && !lines.is_empty() {
         // The first line was cut in the middle.
         lines.remove(0);
     }
     let skip = lines.len().saturating_sub(LOG_TAIL_LINES);
     Ok(Some(lines.split_off(skip)))
-}
-
-/// Drops control characters a log may hold (escape sequences, carriage
-/// returns), which would otherwise reach the terminal.
-fn clean_line(line: &str) -> String {
-    line.chars()
-        .map(|c| if c == '\t' { ' ' } else { c })
-        .filter(|c| !c.is_control())
-        .collect()
 }

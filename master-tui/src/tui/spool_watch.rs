@@ -8,13 +8,15 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use kiln_spool::master::reap;
-use kiln_spool::spool::{HISTORY, IMAGES, INCOMING, JOBS, LEASES, LOGS, STATUS, TMP_PREFIX};
+use kiln_spool::spool::{
+    HISTORY, IMAGES, INCOMING, JOBS, LEASES, LOGS, MASTER_DIR, STATUS, TMP_PREFIX,
+};
 use kiln_spool::time::Timestamp;
 use kiln_spool::LocalSpool;
 use notify::{RecursiveMode, Watcher};
 
 use super::msg::{Effect, Msg};
-use super::spool_state::{Detail, SpoolState};
+use super::perform;
 
 /// Rereads this often even when notifications work, in case one is missed.
 const POLL_WITH_NOTIFY: Duration = Duration::from_secs(5);
@@ -24,17 +26,6 @@ const POLL_WITHOUT_NOTIFY: Duration = Duration::from_millis(700);
 const SETTLE: Duration = Duration::from_millis(40);
 /// The longest a burst of events can hold back a reread.
 const SETTLE_MAX: Duration = Duration::from_millis(250);
-
-/// Does one effect, returning the message that carries its result.
-pub fn perform(spool: &LocalSpool, effect: &Effect, now: Timestamp) -> Msg {
-    match effect {
-        Effect::Refresh => match SpoolState::load(spool, now) {
-            Ok(state) => Msg::Spool(Box::new(state)),
-            Err(e) => Msg::SpoolError(format!("{e:#}")),
-        },
-        Effect::LoadDetail(id) => Msg::Detail(Box::new(Detail::load(spool, id))),
-    }
-}
 
 /// The spool reader thread and the watcher that wakes it.
 pub struct SpoolReader {
@@ -92,6 +83,9 @@ impl Pending {
         match e {
             Effect::Refresh => self.refresh = true,
             Effect::LoadDetail(id) => self.detail = Some(id),
+            Effect::Change(change) => {
+                tracing::error!("the spool reader was handed a change: {}", change.doing())
+            }
         }
     }
 }
@@ -151,9 +145,10 @@ fn read_loop(spool: &LocalSpool, rx: &Receiver<Effect>, out: &Sender<Msg>, poll:
 /// Watches the spool's directories (not the uploads in progress below
 /// `incoming/`, which change with every chunk written).
 fn watch(root: &Path, tx: Sender<Effect>) -> notify::Result<notify::RecommendedWatcher> {
+    let base = root.to_path_buf();
     let mut watcher =
         notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
-            Ok(ev) if ev.paths.iter().any(|p| matters(p)) => {
+            Ok(ev) if ev.paths.iter().any(|p| matters(&base, p)) => {
                 let _ = tx.send(Effect::Refresh);
             }
             Ok(_) => {}
@@ -169,12 +164,20 @@ fn watch(root: &Path, tx: Sender<Effect>) -> notify::Result<notify::RecommendedW
     Ok(watcher)
 }
 
-/// Whether a changed path can change what the console shows: not the master
-/// lock (taken by every change) and not temporary files (renamed into place,
-/// which is its own event).
-fn matters(path: &Path) -> bool {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-    !name.is_empty() && name != ".master.lock" && !name.starts_with(TMP_PREFIX)
+/// Whether a changed path below `root` can change what the console shows:
+/// not the masters' own directory (its lock is taken by every change) and
+/// not temporary files (renamed into place, which is its own event).
+fn matters(root: &Path, path: &Path) -> bool {
+    let rel = path.strip_prefix(root).unwrap_or(path);
+    if rel
+        .components()
+        .next()
+        .is_some_and(|c| c.as_os_str() == MASTER_DIR)
+    {
+        return false;
+    }
+    let name = rel.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    !name.is_empty() && !name.starts_with(TMP_PREFIX)
 }
 
 /// The background reaper and publisher: one pass now, then one every `every`.
@@ -247,6 +250,8 @@ mod tests {
     use kiln_spool::agent::claim::claim_next;
     use kiln_spool::master::{add_job, init};
     use kiln_spool::queue::EntryState;
+    use kiln_spool::spool::{JOB_LIST, MASTER_LOCK};
+    use kiln_spool::SpoolFs;
 
     const JOB: &str = "id = \"seen\"\ntime_limit = \"1s\"\n[disk]\n[[disk.partitions]]\nlabel = \"root\"\nsize = \"rest\"\nkind = \"linux\"\nfs = \"ext4\"\nmount = \"/\"\n";
 
@@ -264,11 +269,41 @@ mod tests {
     }
 
     #[test]
-    fn ignores_the_lock_and_temporary_files() {
-        assert!(matters(Path::new("/s/jobs.toml")));
-        assert!(matters(Path::new("/s/leases/a")));
-        assert!(!matters(Path::new("/s/.master.lock")));
-        assert!(!matters(Path::new("/s/.tmp.jobs.toml.12.ab")));
+    fn ignores_the_masters_directory_and_temporary_files() {
+        let root = Path::new("/s");
+        assert!(matters(root, Path::new("/s/jobs.toml")));
+        assert!(matters(root, Path::new("/s/leases/a")));
+        assert!(matters(root, Path::new("/s/status/master.toml")));
+        assert!(!matters(root, Path::new("/s/master")));
+        assert!(!matters(root, Path::new("/s/master/lock")));
+        assert!(!matters(root, Path::new("/s/.tmp.jobs.toml.12.ab")));
+        assert!(!matters(root, Path::new("/s/leases/.tmp.a.12.ab")));
+    }
+
+    #[test]
+    fn taking_the_lock_does_not_wake_the_reader() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = LocalSpool::new(dir.path());
+        init(&spool).unwrap();
+        // As in a spool from before master/: the first lock makes it.
+        std::fs::remove_dir_all(spool.path(MASTER_DIR)).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let _watcher = watch(spool.root(), tx).unwrap();
+        for _ in 0..3 {
+            drop(spool.lock().unwrap());
+        }
+        assert!(spool.path(MASTER_LOCK).exists());
+        assert_eq!(
+            rx.recv_timeout(Duration::from_millis(500)),
+            Err(RecvTimeoutError::Timeout),
+            "a lock woke the reader"
+        );
+        spool.write_atomic(JOB_LIST, b"").unwrap();
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(5)),
+            Ok(Effect::Refresh),
+            "a change to jobs.toml wakes it"
+        );
     }
 
     #[test]

@@ -1,24 +1,15 @@
-//! `update`: the only code that changes the console's state. Spool changes go
-//! through the same protocol functions as the CLI, under the master lock.
+//! `update`: the only code that changes the console's state. It never touches
+//! the spool: reads and changes go out as [`Effect`]s to the workers, and
+//! their results come back as [`Msg`]s.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
-use kiln_spool::queue::read_job_list;
-use kiln_spool::job::MAX_PRIORITY;
-use kiln_spool::master::{self, MasterError};
-use kiln_spool::queue::EntryState;
-use kiln_spool::time::format_secs;
-use kiln_spool::LocalSpool;
 
-use super::app::{App, Confirm, Mode, Pane};
+use super::app::{App, Confirm, Mode, Note, Pane};
 use super::msg::{Effect, Msg};
+use super::spool_write::Change;
 
-/// How far `+` and `-` move a job's priority.
-pub const PRIORITY_STEP: u32 = 10;
-/// How far `e` pushes a lease's deadline.
-pub const EXTEND_BY: Duration = Duration::from_secs(10 * 60);
 /// Rows PgUp and PgDn move.
 const PAGE: usize = 10;
 
@@ -54,18 +45,36 @@ pub fn update(app: &mut App, msg: Msg) -> Vec<Effect> {
             if !report.is_empty() {
                 let text = format!("reaper: {}", report.lines().join("; "));
                 tracing::info!("{text}");
-                app.reaper_note = Some(super::app::Note { text, error: false });
+                app.reaper_note = Some(Note { text, error: false });
                 return vec![Effect::Refresh];
             }
             vec![]
         }
         Msg::Reaped(Err(e)) => {
             tracing::warn!("reaper: {e}");
-            app.reaper_note = Some(super::app::Note {
+            app.reaper_note = Some(Note {
                 text: format!("reaper: {e}"),
                 error: true,
             });
             vec![]
+        }
+        Msg::Changed(result) => {
+            app.pending = app.pending.saturating_sub(1);
+            match result {
+                Ok(text) => {
+                    tracing::info!("{text}");
+                    app.set_note(text, false);
+                }
+                Err(e) => {
+                    tracing::warn!("{e}");
+                    app.set_note(e, true);
+                }
+            }
+            vec![Effect::Refresh]
+        }
+        Msg::Added { input, result } => {
+            app.pending = app.pending.saturating_sub(1);
+            added(app, &input, result)
         }
         Msg::Key(key) => on_key(app, key),
         Msg::Paste(text) => {
@@ -120,20 +129,32 @@ fn on_key(app: &mut App, key: KeyEvent) -> Vec<Effect> {
             app.refilter();
             detail_effect(app, false)
         }
-        Mode::AddJob { mut input, error } => match key.code {
+        Mode::AddJob {
+            mut input,
+            error,
+            adding,
+        } => match key.code {
             KeyCode::Esc => {
                 app.mode = Mode::Normal;
                 vec![]
             }
-            KeyCode::Enter => add_job(app, &input),
+            KeyCode::Enter if !adding => add_job(app, &input),
             KeyCode::Backspace => {
                 input.pop();
-                app.mode = Mode::AddJob { input, error };
+                app.mode = Mode::AddJob {
+                    input,
+                    error,
+                    adding,
+                };
                 vec![]
             }
             KeyCode::Char(c) => {
                 input.push(c);
-                app.mode = Mode::AddJob { input, error };
+                app.mode = Mode::AddJob {
+                    input,
+                    error,
+                    adding,
+                };
                 vec![]
             }
             _ => vec![],
@@ -142,8 +163,8 @@ fn on_key(app: &mut App, key: KeyEvent) -> Vec<Effect> {
             KeyCode::Char('y') | KeyCode::Char('Y') | KeyCode::Enter => {
                 app.mode = Mode::Normal;
                 match what {
-                    Confirm::Cancel(id) => cancel(app, &id),
-                    Confirm::Reclaim(id) => reclaim(app, &id),
+                    Confirm::Cancel(id) => queue(app, Change::Cancel(id)),
+                    Confirm::Reclaim(id) => queue(app, Change::Reclaim(id)),
                 }
             }
             KeyCode::Char('n') | KeyCode::Char('N') | KeyCode::Esc | KeyCode::Char('q') => {
@@ -199,6 +220,7 @@ fn normal_key(app: &mut App, key: KeyEvent) -> Vec<Effect> {
             app.mode = Mode::AddJob {
                 input: String::new(),
                 error: None,
+                adding: false,
             }
         }
         KeyCode::Up | KeyCode::Char('k') => return move_cursor(app, -1),
@@ -231,10 +253,10 @@ fn job_key(app: &mut App, key: KeyEvent) -> Vec<Effect> {
         return vec![];
     };
     match key.code {
-        KeyCode::Char('+') | KeyCode::Char('=') => change_priority(app, &id, true),
-        KeyCode::Char('-') => change_priority(app, &id, false),
-        KeyCode::Char('K') => shift(app, &id, true),
-        KeyCode::Char('J') => shift(app, &id, false),
+        KeyCode::Char('+') | KeyCode::Char('=') => queue(app, Change::Priority { id, up: true }),
+        KeyCode::Char('-') => queue(app, Change::Priority { id, up: false }),
+        KeyCode::Char('K') => queue(app, Change::Shift { id, up: true }),
+        KeyCode::Char('J') => queue(app, Change::Shift { id, up: false }),
         KeyCode::Char('c') => {
             app.mode = Mode::Confirm(Confirm::Cancel(id));
             vec![]
@@ -243,18 +265,8 @@ fn job_key(app: &mut App, key: KeyEvent) -> Vec<Effect> {
             app.mode = Mode::Confirm(Confirm::Reclaim(id));
             vec![]
         }
-        KeyCode::Char('r') => act(app, |spool, now| {
-            master::requeue(spool, &id, now)?;
-            Ok(format!("requeued {id}"))
-        }),
-        KeyCode::Char('e') => act(app, |spool, _| {
-            let lease = master::extend(spool, &id, EXTEND_BY)?;
-            Ok(format!(
-                "extended the lease on {id} by {} to {}",
-                format_secs(EXTEND_BY.as_secs() as i64),
-                lease.deadline
-            ))
-        }),
+        KeyCode::Char('r') => queue(app, Change::Requeue(id)),
+        KeyCode::Char('e') => queue(app, Change::Extend(id)),
         KeyCode::Char('l') | KeyCode::Enter => {
             app.note = None;
             app.mode = Mode::Log { up: 0 };
@@ -284,83 +296,15 @@ fn move_cursor(app: &mut App, by: i64) -> Vec<Effect> {
     vec![]
 }
 
-/// Runs one change under the master lock, as the CLI does, and reports it.
-fn act(
-    app: &mut App,
-    change: impl FnOnce(&LocalSpool, kiln_spool::time::Timestamp) -> Result<String, MasterError>,
-) -> Vec<Effect> {
-    let result = match app.spool.lock() {
-        Ok(_lock) => change(&app.spool, app.now).map_err(|e| e.to_string()),
-        Err(e) => Err(format!(
-            "taking the master lock on {}: {e}",
-            app.spool.root().display()
-        )),
-    };
-    match result {
-        Ok(text) => {
-            tracing::info!("{text}");
-            app.set_note(text, false);
-        }
-        Err(e) => {
-            tracing::warn!("{e}");
-            app.set_note(e, true);
-        }
-    }
-    vec![Effect::Refresh]
-}
-
-fn change_priority(app: &mut App, id: &str, up: bool) -> Vec<Effect> {
-    act(app, |spool, _| {
-        // Read the priority under the lock: the CLI may have changed it since
-        // the last refresh.
-        let list = read_job_list(spool).map_err(MasterError::from)?;
-        let old = list
-            .get(id)
-            .ok_or_else(|| MasterError::NoSuchJob(id.into()))?
-            .priority;
-        let new = if up {
-            old.saturating_add(PRIORITY_STEP).min(MAX_PRIORITY)
-        } else {
-            old.saturating_sub(PRIORITY_STEP)
-        };
-        if new == old {
-            return Ok(format!("{id} is already at priority {old}"));
-        }
-        master::set_priority(spool, id, new)?;
-        Ok(format!("{id}: priority {old} -> {new}"))
-    })
-}
-
-fn shift(app: &mut App, id: &str, up: bool) -> Vec<Effect> {
-    act(app, |spool, _| {
-        Ok(match master::shift(spool, id, up)? {
-            Some(p) => format!(
-                "moved {id} {} (priority {p})",
-                if up { "up" } else { "down" }
-            ),
-            None => format!(
-                "{id} is already the {} queued job",
-                if up { "first" } else { "last" }
-            ),
-        })
-    })
-}
-
-fn cancel(app: &mut App, id: &str) -> Vec<Effect> {
-    act(app, |spool, now| {
-        master::cancel(spool, id, now)?;
-        Ok(format!("cancelled {id}"))
-    })
-}
-
-fn reclaim(app: &mut App, id: &str) -> Vec<Effect> {
-    act(app, |spool, now| {
-        Ok(match master::reclaim(spool, id, now)? {
-            EntryState::Queued => format!("reclaimed the lease on {id}; it is queued again"),
-            EntryState::Failed => format!("reclaimed the lease on {id}; no attempts left, failed"),
-            other => format!("reclaimed the lease on {id}; it is {other:?}").to_lowercase(),
-        })
-    })
+/// Hands a change to the spool writer; its outcome comes back as
+/// [`Msg::Changed`] or [`Msg::Added`]. Until then the status line says what
+/// is under way: the writer may be waiting for the masters' lock.
+fn queue(app: &mut App, change: Change) -> Vec<Effect> {
+    let doing = change.doing();
+    tracing::info!("{doing}");
+    app.set_note(format!("{doing}…"), false);
+    app.pending += 1;
+    vec![Effect::Change(change)]
 }
 
 /// Expands a leading `~/` as a shell would.
@@ -377,35 +321,51 @@ fn add_job(app: &mut App, input: &str) -> Vec<Effect> {
         app.mode = Mode::AddJob {
             input: String::new(),
             error: Some("type the path of a job file".into()),
+            adding: false,
         };
         return vec![];
     }
+    app.mode = Mode::AddJob {
+        input: input.to_string(),
+        error: None,
+        adding: true,
+    };
     let path = expand_path(input);
-    let outcome = std::fs::read_to_string(&path)
-        .map_err(|e| format!("reading {}: {e}", path.display()))
-        .and_then(|text| match app.spool.lock() {
-            Ok(_lock) => {
-                master::add_job(&app.spool, &text, &path, app.now).map_err(|e| e.to_string())
-            }
-            Err(e) => Err(format!("taking the master lock: {e}")),
-        });
-    match outcome {
-        Ok(entry) => {
-            let text = format!("added {} at priority {}", entry.id, entry.priority);
-            tracing::info!("{text} from {}", path.display());
+    queue(
+        app,
+        Change::Add {
+            input: input.to_string(),
+            path,
+        },
+    )
+}
+
+/// The outcome of adding a job: the prompt closes on the new job, or stays
+/// open with the error under what was typed.
+fn added(app: &mut App, input: &str, result: Result<(String, u32), String>) -> Vec<Effect> {
+    match result {
+        Ok((id, priority)) => {
+            let text = format!("added {id} at priority {priority}");
+            tracing::info!("{text} from {input}");
             app.set_note(text, false);
-            app.mode = Mode::Normal;
-            app.focus = Pane::Jobs;
-            // The refresh puts the cursor on it.
-            app.selected_job = Some(entry.id);
+            if matches!(app.mode, Mode::AddJob { .. }) {
+                app.mode = Mode::Normal;
+                app.focus = Pane::Jobs;
+                // The refresh puts the cursor on it.
+                app.selected_job = Some(id);
+            }
             vec![Effect::Refresh]
         }
         Err(e) => {
-            tracing::info!("adding {}: {e}", path.display());
-            app.mode = Mode::AddJob {
-                input: input.to_string(),
-                error: Some(e),
-            };
+            tracing::info!("adding {input}: {e}");
+            match &mut app.mode {
+                Mode::AddJob { error, adding, .. } => {
+                    app.note = None;
+                    *error = Some(e);
+                    *adding = false;
+                }
+                _ => app.set_note(format!("adding {input}: {e}"), true),
+            }
             vec![]
         }
     }

@@ -1,5 +1,6 @@
 //! The Agents pane: every agent seen in status records and history.
 
+use kiln_spool::printable::printable;
 use ratatui::layout::{Constraint, Rect};
 use ratatui::widgets::{Cell, HighlightSpacing, Row, Table, TableState};
 use ratatui::Frame;
@@ -44,10 +45,10 @@ pub fn draw(app: &App, theme: Theme, f: &mut Frame, area: Rect, focused: bool) {
                 None => Cell::from("never"),
             };
             Row::new([
-                Cell::from(a.id.clone()),
-                Cell::from(a.server.clone()),
-                Cell::from(a.job.clone().unwrap_or_default()),
-                Cell::from(a.phase.clone().unwrap_or_default()),
+                Cell::from(printable(&a.id).into_owned()),
+                Cell::from(printable(&a.server).into_owned()),
+                Cell::from(printable(a.job.as_deref().unwrap_or("")).into_owned()),
+                Cell::from(printable(a.phase.as_deref().unwrap_or("")).into_owned()),
                 heartbeat,
                 Cell::from(format!("{:>4}", a.done)),
             ])

@@ -2,6 +2,7 @@
 //! the full-screen log view.
 
 use kiln_spool::master::JobView;
+use kiln_spool::printable::printable;
 use kiln_spool::time::format_secs;
 use kiln_spool::JobSpec;
 use ratatui::layout::Rect;
@@ -17,7 +18,7 @@ use crate::tui::spool_state::Detail;
 
 pub fn draw(app: &App, theme: Theme, f: &mut Frame, area: Rect, focused: bool) {
     let title = match app.selected() {
-        Some(j) => format!("Detail: {}", j.id),
+        Some(j) => format!("Detail: {}", printable(&j.id)),
         None => "Detail".to_string(),
     };
     let block = pane_block(app, theme, &title, None, focused);
@@ -32,7 +33,7 @@ pub fn draw(app: &App, theme: Theme, f: &mut Frame, area: Rect, focused: bool) {
     match detail.map(|d| &d.spec) {
         Some(Ok(spec)) => spec_lines(theme, spec, &mut lines),
         Some(Err(e)) => lines.push(Line::from(Span::styled(
-            format!("spec: {e}"),
+            format!("spec: {}", printable(e)),
             theme.danger(),
         ))),
         None => lines.push(Line::from(Span::styled("reading the job…", theme.dim()))),
@@ -63,7 +64,7 @@ fn status_lines(app: &App, theme: Theme, j: &JobView) -> Vec<Line<'static>> {
         let left = app.now.secs_until(l.deadline);
         lines.push(Line::from(vec![
             label("lease", theme),
-            Span::raw(format!("{} (attempt {}), ", l.agent, l.attempt)),
+            Span::raw(format!("{} (attempt {}), ", printable(&l.agent), l.attempt)),
             Span::styled(
                 if left >= 0 {
                     format!("{} left", format_secs(left))
@@ -81,13 +82,13 @@ fn status_lines(app: &App, theme: Theme, j: &JobView) -> Vec<Line<'static>> {
     } else if let Some(h) = &j.holder {
         lines.push(Line::from(vec![
             label("built by", theme),
-            Span::raw(h.clone()),
+            Span::raw(printable(h).into_owned()),
         ]));
     }
     if let Some(s) = &j.status {
         let mut spans = vec![
             label("phase", theme),
-            Span::raw(format!("{} {}", s.phase, gauge(s.progress, 10))),
+            Span::raw(format!("{} {}", printable(&s.phase), gauge(s.progress, 10))),
             Span::styled(
                 format!(
                     "  heartbeat {} ago, since {} ago",
@@ -98,7 +99,10 @@ fn status_lines(app: &App, theme: Theme, j: &JobView) -> Vec<Line<'static>> {
             ),
         ];
         if !s.server.is_empty() {
-            spans.push(Span::styled(format!(" via {}", s.server), theme.dim()));
+            spans.push(Span::styled(
+                format!(" via {}", printable(&s.server)),
+                theme.dim(),
+            ));
         }
         lines.push(Line::from(spans));
     }
@@ -113,7 +117,7 @@ fn status_lines(app: &App, theme: Theme, j: &JobView) -> Vec<Line<'static>> {
         };
         lines.push(Line::from(vec![
             label("message", theme),
-            Span::styled(j.message.clone(), style),
+            Span::styled(printable(&j.message).into_owned(), style),
         ]));
     }
     lines
@@ -123,7 +127,7 @@ fn spec_lines(theme: Theme, spec: &JobSpec, lines: &mut Vec<Line<'static>>) {
     if !spec.description.is_empty() {
         lines.push(Line::from(vec![
             label("about", theme),
-            Span::raw(spec.description.clone()),
+            Span::raw(printable(&spec.description).into_owned()),
         ]));
     }
     lines.push(Line::from(vec![
@@ -139,24 +143,31 @@ fn spec_lines(theme: Theme, spec: &JobSpec, lines: &mut Vec<Line<'static>>) {
     let table = format!("{:?}", spec.disk.table).to_lowercase();
     lines.push(Line::from(vec![
         label("disk", theme),
-        Span::raw(format!("{} ({table})", spec.disk.device)),
+        Span::raw(format!("{} ({table})", printable(&spec.disk.device))),
     ]));
     for p in &spec.disk.partitions {
         lines.push(Line::from(format!(
             "  {:<10} {:>7} {:<9} {:<5} {}",
-            p.label,
+            printable(&p.label),
             p.size.to_string(),
             format!("{:?}", p.kind).to_lowercase(),
             format!("{:?}", p.fs).to_lowercase(),
-            p.mount.as_deref().unwrap_or("")
+            printable(p.mount.as_deref().unwrap_or(""))
         )));
     }
     if !spec.payloads.is_empty() {
         lines.push(Line::from(label("payloads", theme)));
         for p in &spec.payloads {
-            let hash: String = p.blake3.as_deref().unwrap_or("").chars().take(12).collect();
+            let hash: String = printable(p.blake3.as_deref().unwrap_or(""))
+                .chars()
+                .take(12)
+                .collect();
             lines.push(Line::from(vec![
-                Span::raw(format!("  {} -> {}", p.name, p.dest)),
+                Span::raw(format!(
+                    "  {} -> {}",
+                    printable(&p.name),
+                    printable(&p.dest)
+                )),
                 Span::styled(format!("  {hash}…"), theme.dim()),
             ]));
         }
@@ -167,7 +178,7 @@ fn spec_lines(theme: Theme, spec: &JobSpec, lines: &mut Vec<Line<'static>>) {
             lines.push(Line::from(format!(
                 "  {}. {} ({}, {})",
                 i + 1,
-                s.name,
+                printable(&s.name),
                 format!("{:?}", s.place).to_lowercase(),
                 format_secs(s.time_limit.as_secs() as i64)
             )));
@@ -186,7 +197,7 @@ fn log_tail(theme: Theme, d: &Detail, height: usize, lines: &mut Vec<Line<'stati
     };
     lines.push(Line::from(vec![
         label("log", theme),
-        Span::styled(format!("{source} (l opens it)"), theme.dim()),
+        Span::styled(format!("{} (l opens it)", printable(source)), theme.dim()),
     ]));
     let room = height.saturating_sub(lines.len()).max(3);
     let skip = d.log.len().saturating_sub(room);
@@ -200,9 +211,9 @@ pub fn draw_log(app: &App, theme: Theme, f: &mut Frame, area: Rect) {
     };
     let detail = app.current_detail();
     let title = match detail.and_then(|d| d.log_source.as_ref()) {
-        Some(src) => format!("Log: {src}"),
+        Some(src) => format!("Log: {}", printable(src)),
         None => match app.selected() {
-            Some(j) => format!("Log: {}", j.id),
+            Some(j) => format!("Log: {}", printable(&j.id)),
             None => "Log".into(),
         },
     };

@@ -1,5 +1,6 @@
 //! The Images pane: published images, newest first.
 
+use kiln_spool::printable::printable;
 use kiln_spool::units::human_bytes;
 use ratatui::layout::{Constraint, Rect};
 use ratatui::widgets::{Cell, HighlightSpacing, Row, Table, TableState};
@@ -46,9 +47,9 @@ pub fn draw(app: &App, theme: Theme, f: &mut Frame, area: Rect, focused: bool) {
         .take(height)
         .map(|&i| {
             let m = &app.state.images[i];
-            let hash: String = m.image_blake3.chars().take(hash_len).collect();
+            let hash: String = printable(&m.image_blake3).chars().take(hash_len).collect();
             Row::new([
-                Cell::from(m.job.clone()),
+                Cell::from(printable(&m.job).into_owned()),
                 Cell::from(format!("{:>10}", human_bytes(m.image_size))),
                 Cell::from(match m.ratio() {
                     Some(r) => format!("{r:>5.1}x"),
@@ -60,7 +61,7 @@ pub fn draw(app: &App, theme: Theme, f: &mut Frame, area: Rect, focused: bool) {
                 } else {
                     age(app.now, m.published)
                 }),
-                Cell::from(m.agent.clone()),
+                Cell::from(printable(&m.agent).into_owned()),
             ])
         })
         .collect::<Vec<_>>();

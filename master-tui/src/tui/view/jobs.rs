@@ -2,6 +2,7 @@
 //! of finished ones.
 
 use kiln_spool::master::JobView;
+use kiln_spool::printable::printable;
 use kiln_spool::time::{format_secs, Timestamp};
 use ratatui::layout::{Constraint, Rect};
 use ratatui::style::Style;
@@ -120,11 +121,11 @@ fn job_row(j: &JobView, now: Timestamp, theme: Theme, bar: usize) -> Row<'static
         None => Cell::from(""),
     };
     Row::new([
-        Cell::from(j.id.clone()),
+        Cell::from(printable(&j.id).into_owned()),
         Cell::from(format!("{:>4}", j.priority)),
         Cell::from(j.state.as_str()).style(theme.state(j.state)),
-        Cell::from(j.holder.clone().unwrap_or_default()),
-        Cell::from(j.phase.clone().unwrap_or_default()),
+        Cell::from(printable(j.holder.as_deref().unwrap_or("")).into_owned()),
+        Cell::from(printable(j.phase.as_deref().unwrap_or("")).into_owned()),
         progress,
         left,
         Cell::from(if j.max_attempts > 0 {

@@ -9,6 +9,7 @@ mod overlay;
 pub mod theme;
 
 use kiln_spool::master::JobState;
+use kiln_spool::printable::printable;
 use kiln_spool::time::{format_secs, Timestamp};
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::Style;
@@ -88,7 +89,7 @@ fn pane_block(
         text.push_str(&format!(" ({n})"));
     }
     if !app.filter.is_empty() && count.is_some() {
-        text.push_str(&format!(" /{}", app.filter));
+        text.push_str(&format!(" /{}", printable(&app.filter)));
     }
     text.push(' ');
     Block::new()
@@ -118,7 +119,7 @@ fn draw_tabs(app: &App, theme: Theme, f: &mut Frame, area: Rect) {
     // The spool's path goes here when the status bar has no room for it.
     let used: usize = spans.iter().map(|s| s.width()).sum();
     let room = (area.width as usize).saturating_sub(used + 2);
-    let path = shorten_left(&app.spool_label, room);
+    let path = shorten_left(&printable(&app.spool_label), room);
     let pad = room.saturating_sub(path.chars().count());
     spans.push(Span::raw(" ".repeat(pad + 1)));
     spans.push(Span::styled(path, theme.dim()));
@@ -144,23 +145,34 @@ fn draw_status_bar(app: &App, theme: Theme, f: &mut Frame, area: Rect, with_path
         let used: usize = counts.iter().map(|s| s.width()).sum();
         let room = (area.width as usize).saturating_sub(used + 10);
         line.push(Span::styled("spool ", theme.dim()));
-        line.push(Span::raw(shorten_left(&app.spool_label, room)));
+        line.push(Span::raw(shorten_left(&printable(&app.spool_label), room)));
         line.push(Span::styled(" │ ", theme.dim()));
     }
     line.extend(counts);
     f.render_widget(Paragraph::new(Line::from(line)), counts_line);
 
-    let note = if app.mode == Mode::Filter {
-        Line::from(vec![
-            Span::styled(" filter /", theme.key()),
-            Span::raw(app.filter.clone()),
+    let mut note = vec![Span::raw(" ")];
+    if app.pending > 0 {
+        // Changes wait their turn behind the masters' lock; say so, whatever
+        // the last note was.
+        note.push(Span::styled(
+            format!("⧗ {} pending  ", app.pending),
+            theme.dim(),
+        ));
+    }
+    if app.mode == Mode::Filter {
+        note.extend([
+            Span::styled("filter /", theme.key()),
+            Span::raw(printable(&app.filter).into_owned()),
             Span::styled("█", theme.dim()),
-        ])
+        ]);
     } else if let Some(n) = app.note.as_ref().or(app.reaper_note.as_ref()) {
-        Line::from(Span::styled(format!(" {}", n.text), theme.note(n.error)))
-    } else {
-        Line::from("")
-    };
+        note.push(Span::styled(
+            printable(&n.text).into_owned(),
+            theme.note(n.error),
+        ));
+    }
+    let note = Line::from(note);
     f.render_widget(Paragraph::new(note), note_line);
 
     let mut spans = vec![Span::raw(" ")];

@@ -1,5 +1,6 @@
 //! Pop-ups over the panes: help, the add-job prompt, and confirmations.
 
+use kiln_spool::printable::printable;
 use ratatui::layout::Rect;
 use ratatui::style::Style;
 use ratatui::text::{Line, Span};
@@ -8,12 +9,16 @@ use ratatui::Frame;
 
 use super::theme::Theme;
 use crate::tui::app::{App, Confirm, Mode};
-use crate::tui::update::{EXTEND_BY, PRIORITY_STEP};
+use crate::tui::spool_write::{EXTEND_BY, PRIORITY_STEP};
 
 pub fn draw(app: &App, theme: Theme, f: &mut Frame, area: Rect) {
     match &app.mode {
         Mode::Help => help(theme, f, area),
-        Mode::AddJob { input, error } => add_job(theme, f, area, input, error.as_deref()),
+        Mode::AddJob {
+            input,
+            error,
+            adding,
+        } => add_job(theme, f, area, input, error.as_deref(), *adding),
         Mode::Confirm(what) => confirm(app, theme, f, area, what),
         _ => {}
     }
@@ -77,17 +82,29 @@ fn help(theme: Theme, f: &mut Frame, area: Rect) {
     f.render_widget(Paragraph::new(lines).block(popup(theme, "Keys")), rect);
 }
 
-fn add_job(theme: Theme, f: &mut Frame, area: Rect, input: &str, error: Option<&str>) {
+fn add_job(
+    theme: Theme,
+    f: &mut Frame,
+    area: Rect,
+    input: &str,
+    error: Option<&str>,
+    adding: bool,
+) {
+    let error = error.map(printable);
     let mut lines = vec![
         Line::from(Span::styled("Path of the job file:", theme.header())),
         Line::from(vec![
-            Span::raw(format!("> {input}")),
+            Span::raw(format!("> {}", printable(input))),
             Span::styled("█", theme.dim()),
         ]),
         Line::from(""),
     ];
-    match error {
+    match &error {
         Some(e) => lines.push(Line::from(Span::styled(e.to_string(), theme.danger()))),
+        None if adding => lines.push(Line::from(Span::styled(
+            "adding it (the reaper may hold the masters' lock)…",
+            theme.dim(),
+        ))),
         None => lines.push(Line::from(Span::styled(
             "Enter adds it; Esc goes back.",
             theme.dim(),
@@ -95,7 +112,9 @@ fn add_job(theme: Theme, f: &mut Frame, area: Rect, input: &str, error: Option<&
     }
     let width = area.width.saturating_sub(4).min(76);
     let text_width = width.saturating_sub(4).max(1) as usize;
-    let error_rows = error.map_or(1, |e| e.chars().count().div_ceil(text_width).max(1));
+    let error_rows = error
+        .as_ref()
+        .map_or(1, |e| e.chars().count().div_ceil(text_width).max(1));
     let rect = centered(area, width, 5 + error_rows as u16);
     f.render_widget(Clear, rect);
     f.render_widget(
@@ -110,7 +129,7 @@ fn confirm(app: &App, theme: Theme, f: &mut Frame, area: Rect, what: &Confirm) {
     let (title, question, consequence) = match what {
         Confirm::Cancel(id) => (
             "Cancel",
-            format!("Cancel job {id}?"),
+            format!("Cancel job {}?", printable(id)),
             "Its lease is removed; an agent building it stops.".to_string(),
         ),
         Confirm::Reclaim(id) => {
@@ -119,11 +138,11 @@ fn confirm(app: &App, theme: Theme, f: &mut Frame, area: Rect, what: &Confirm) {
                 .jobs
                 .iter()
                 .find(|j| &j.id == id)
-                .and_then(|j| j.holder.clone())
-                .unwrap_or_else(|| "its agent".into());
+                .and_then(|j| j.holder.as_deref())
+                .map_or("its agent".into(), printable);
             (
                 "Reclaim",
-                format!("Reclaim the lease on {id} now?"),
+                format!("Reclaim the lease on {} now?", printable(id)),
                 format!("{holder} loses it and the attempt counts."),
             )
         }
