@@ -36,8 +36,17 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Create the spool's directories and an empty job list.
-    Init,
+    /// Create the spool's directories and an empty job list, or repair them.
+    /// With --agent-user (as root): the spool belongs to the master's
+    /// account and agents, logging in as USER, can write only where agents write.
+    Init {
+        /// The agents' sshd account; created if missing.
+        #[arg(long, value_name = "USER")]
+        agent_user: Option<String>,
+        /// The account the spool belongs to (default: the one running init).
+        #[arg(long, value_name = "USER", requires = "agent_user")]
+        master_user: Option<String>,
+    },
     /// Manage payload archives in the spool.
     #[command(subcommand)]
     Payload(PayloadCommand),
@@ -74,8 +83,6 @@ pub enum Command {
     },
     /// The operator's terminal UI over the spool.
     Tui,
-    /// Make the ed25519 key pair agents log in with, and print the
-    /// authorized_keys line and sshd_config block that confine it to SFTP in the spool.
     /// Write boot.ipxe, the kernel and the initramfs into a directory that
     /// TFTP or HTTP serves to PXE-booting machines.
     Pxe {
@@ -92,10 +99,15 @@ pub enum Command {
         #[arg(long, default_value = kiln_initramfs::pxe::DEFAULT_CMDLINE)]
         cmdline: String,
     },
+    /// Make the ed25519 key pair agents log in with, the authorized_keys file
+    /// and the sshd drop-in that confine it to SFTP in the spool.
     AgentKey {
-        /// Directory for the key pair (default: the current directory).
+        /// Directory for the key pair and the sshd files (root's, e.g. /etc/kiln/agent-key).
         #[arg(long)]
-        out: Option<PathBuf>,
+        out: PathBuf,
+        /// The agents' sshd account.
+        #[arg(long, value_name = "USER", default_value = crate::agent_key::AGENT_USER)]
+        agent_user: String,
     },
 }
 
@@ -178,15 +190,16 @@ fn open_spool(path: &Path) -> Result<LocalSpool, Failure> {
 fn run(cli: Cli) -> Result<(), Failure> {
     let now = Timestamp::now();
     match cli.command {
-        Command::Init => {
-            std::fs::create_dir_all(&cli.spool)
-                .with_context(|| format!("creating {}", cli.spool.display()))?;
-            let spool = LocalSpool::new(&cli.spool);
-            let _lock = spool
-                .lock()
-                .with_context(|| format!("locking {}", cli.spool.display()))?;
-            master::init(&spool)?;
-            println!("spool ready at {}", cli.spool.display());
+        Command::Init {
+            agent_user,
+            master_user,
+        } => {
+            let opts = crate::init::InitOptions {
+                spool: cli.spool.clone(),
+                agent_user,
+                master_user,
+            };
+            crate::init::run(&opts, &mut io::stdout().lock())?;
         }
         Command::Payload(PayloadCommand::Add { file, name }) => {
             let spool = open_spool(&cli.spool)?;
@@ -322,7 +335,14 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 kiln_initramfs::pxe::BOOT_SCRIPT
             );
         }
-        Command::AgentKey { out } => crate::agent_key::run(out.as_deref())?,
+        Command::AgentKey { out, agent_user } => {
+            let opts = crate::agent_key::AgentKeyOptions {
+                out,
+                spool: cli.spool.clone(),
+                agent_user,
+            };
+            crate::agent_key::run(&opts, &mut io::stdout().lock())?;
+        }
         Command::Tui => {
             let spool = open_spool(&cli.spool)?;
             crate::tui::run(spool.root())?;

@@ -1,5 +1,8 @@
 //! kiln-master: the headless subcommands and the operator's TUI over a spool.
 
 pub mod agent_key;
+pub mod chroot;
 pub mod cli;
+pub mod command;
+pub mod init;
 pub mod tui;
