@@ -12,15 +12,15 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use kiln_spool::agent::claim::{claim_next, fetch_job, heartbeat, LeaseCheck};
+use kiln_spool::agent::uploader::{upload, UploadOptions};
 use kiln_spool::agent_config::{AgentConfig, Server};
-use kiln_spool::agent::claim::{claim_next, heartbeat, LeaseCheck};
 use kiln_spool::job::{parse_job, JobSpec};
 use kiln_spool::lease::Lease;
 use kiln_spool::sftp::{SessionOptions, SftpSpool};
 use kiln_spool::spool::{job_path, log_path, payload_path, SpoolFs};
 use kiln_spool::status::{AgentState, Status};
 use kiln_spool::time::Timestamp;
-use kiln_spool::agent::uploader::{upload, UploadOptions};
 
 use crate::joblog::JobLog;
 use crate::progress::{Event, EventKind};
@@ -250,7 +250,7 @@ fn do_job(
                     shared.abort.store(true, Ordering::SeqCst);
                 }
             };
-            let (text, job) = download_job(spool, &lease.job)?;
+            let (text, job) = download_job(spool, &lease)?;
             let payload_dir = fetch_payloads(opts, spool, &job, &job_dir, &shared, &log)?;
             watch_stop();
             let image = job_dir.join(format!("{}.raw.zst", lease.job));
@@ -462,12 +462,10 @@ fn upload_resuming(
     }
 }
 
-fn download_job(spool: &SftpSpool, id: &str) -> Result<(String, JobSpec)> {
-    let path = job_path(id);
-    let bytes = spool
-        .read(&path)
-        .with_context(|| format!("downloading {path}"))?;
-    let text = String::from_utf8(bytes).map_err(|_| anyhow!("{path} is not UTF-8"))?;
+/// The job file, checked against the hash the job list pins before it is parsed.
+fn download_job(spool: &SftpSpool, lease: &Lease) -> Result<(String, JobSpec)> {
+    let path = job_path(&lease.job);
+    let text = fetch_job(spool, lease).with_context(|| format!("downloading {path}"))?;
     let job = parse_job(&text).map_err(|e| anyhow!("{}", e.in_file(Path::new(&path))))?;
     Ok((text, job))
 }

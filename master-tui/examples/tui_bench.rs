@@ -96,6 +96,7 @@ fn build(root: &Path, jobs: usize, agents: usize) -> anyhow::Result<()> {
             submitted: Timestamp(t0 + (i as u64 % 3600)),
             blake3: blake3::hash(text.as_bytes()).to_hex().to_string(),
             message: String::new(),
+            lease: None,
         };
         if i >= jobs - done {
             let record = HistoryRecord {
@@ -121,13 +122,7 @@ fn build(root: &Path, jobs: usize, agents: usize) -> anyhow::Result<()> {
         .collect();
     for (a, id) in queued.iter().take(agents).enumerate() {
         let agent = format!("agent-{a:03}");
-        let lease = Lease::new(
-            id,
-            &agent,
-            Timestamp(t0 + 3000),
-            TimeLimit::default(),
-            1,
-        );
+        let lease = Lease::new(id, &agent, Timestamp(t0 + 3000), TimeLimit::default(), 1);
         put(root, &lease_path(id), lease.to_toml().as_bytes())?;
         let status = Status {
             job: id.clone(),

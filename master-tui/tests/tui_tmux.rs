@@ -125,7 +125,7 @@ fn cli(spool: &Path, args: &[&str]) {
 }
 
 fn priority_in(spool: &Path, id: &str) -> Option<u32> {
-    let list = kiln_spool::claim::read_job_list(&kiln_spool::LocalSpool::new(spool)).ok()?;
+    let list = kiln_spool::queue::read_job_list(&kiln_spool::LocalSpool::new(spool)).ok()?;
     list.get(id).map(|e| e.priority)
 }
 

@@ -21,6 +21,7 @@ pub mod sftp;
 pub mod spool;
 pub mod status;
 pub mod time;
+pub mod untrusted;
 pub mod units;
 pub mod upload;
 

@@ -40,6 +40,51 @@ pub struct Entry {
     /// Why the job is where it is (the last failure, the validation error).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
+    /// The lease the master has seen on this job, by the master's own clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<LeaseRecord>,
+}
+
+/// What the master knows of a job's lease from its own records: the agent's
+/// lease file says when it claimed the job and until when, but an agent is
+/// trusted for neither. The master counts from when it first saw the lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseRecord {
+    pub token: String,
+    /// When the master first saw this lease.
+    pub seen: Timestamp,
+    /// Seconds the operator added with `extend`, at most [`TimeLimit::MAX`] in all.
+    #[serde(default)]
+    pub extended: u64,
+}
+
+impl Entry {
+    /// The deadline of the lease with `token` by the master's records: when
+    /// the master first saw it plus the job's time limit and any extension.
+    /// A lease the master has not recorded yet counts from `now`.
+    pub fn deadline(&self, token: &str, now: Timestamp) -> Timestamp {
+        let (seen, extended) = match &self.lease {
+            Some(r) if r.token == token => (r.seen, r.extended.min(TimeLimit::MAX.as_secs())),
+            _ => (now, 0),
+        };
+        seen.plus(self.time_limit.as_duration())
+            .plus(std::time::Duration::from_secs(extended))
+    }
+
+    /// Records `token` as the job's lease, first seen `now`, unless it is
+    /// already the recorded one. Returns true if the entry changed.
+    pub fn record_lease(&mut self, token: &str, now: Timestamp) -> bool {
+        if self.lease.as_ref().is_some_and(|r| r.token == token) {
+            return false;
+        }
+        self.lease = Some(LeaseRecord {
+            token: token.to_string(),
+            seen: now,
+            extended: 0,
+        });
+        true
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

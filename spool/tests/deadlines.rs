@@ -90,23 +90,29 @@ fn a_claim_near_the_last_timestamp_gets_the_last_deadline() {
 }
 
 #[test]
-fn extending_a_lease_dated_9999_saturates() {
+fn a_lease_dated_9999_is_held_to_the_masters_deadline() {
     let (_dir, spool) = new_spool();
     add(&spool, "a", "1h");
     let mut lease = claim_next(&spool, "agent-1", T0).unwrap().unwrap();
     // What an agent may write into its own lease.
     lease.deadline = Timestamp::MAX;
+    lease.attempt = 0;
     let text = lease.to_toml();
     assert!(text.contains("9999-12-31T23:59:59Z"), "{text}");
     spool
         .write_atomic(&lease_path("a"), text.as_bytes())
         .unwrap();
 
-    let extended = master::extend(&spool, "a", Duration::from_secs(600)).unwrap();
-    assert_eq!(extended.deadline, Timestamp::MAX);
-    assert_eq!(read_lease(&spool, "a").unwrap().unwrap(), extended);
-    let again = master::extend(&spool, "a", Duration::MAX).unwrap();
-    assert_eq!(again.deadline, Timestamp::MAX);
+    // The master counts from when it first saw the lease, whatever it says.
+    master::reap(&spool, T0).unwrap();
+    let extended = master::extend(&spool, "a", Duration::from_secs(600), T0).unwrap();
+    assert_eq!(extended.deadline, T0.plus(Duration::from_secs(3600 + 600)));
+    assert_eq!(extended.attempt, 1, "the master counts attempts itself");
+    let e = master::extend(&spool, "a", Duration::MAX, T0).unwrap_err();
+    assert!(e.to_string().contains("at most"), "{e}");
+    let report = master::reap(&spool, T0.plus(Duration::from_secs(3600 + 600))).unwrap();
+    assert_eq!(report.released.len(), 1, "{report:?}");
+    assert!(read_lease(&spool, "a").unwrap().is_none());
 }
 
 #[test]

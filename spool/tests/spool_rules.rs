@@ -7,12 +7,12 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use kiln_spool::agent::claim::{check_lease, claim_next, LeaseCheck};
-use kiln_spool::queue::read_job_list;
+use kiln_spool::agent::claim::{check_lease, claim_next, pinned_job_hash, LeaseCheck};
 use kiln_spool::lease::Lease;
 use kiln_spool::manifest::ImageManifest;
-use kiln_spool::master::{self, job_view, JobState};
 use kiln_spool::master::reap;
+use kiln_spool::master::{self, job_view, JobState};
+use kiln_spool::queue::read_job_list;
 use kiln_spool::queue::EntryState;
 use kiln_spool::spool::{image_dir, incoming_dir};
 use kiln_spool::time::Timestamp;
@@ -213,7 +213,7 @@ fn upload(spool: &LocalSpool, lease: &Lease, image: &[u8], chunk_size: usize) ->
     let manifest = ImageManifest {
         format: "raw.zst".into(),
         job: lease.job.clone(),
-        job_blake3: String::new(),
+        job_blake3: pinned_job_hash(spool, &lease.job).unwrap(),
         agent: lease.agent.clone(),
         disk_size: 1 << 30,
         block_size: 4096,
@@ -252,7 +252,10 @@ fn expired_leases_are_reaped_and_stale_tokens_refused() {
         "a held job is not available"
     );
 
-    // Before the deadline nothing happens.
+    // The master's deadline counts from its first sight of the lease;
+    // before it nothing happens.
+    let report = reap(&spool, T0).unwrap();
+    assert!(report.is_empty(), "{report:?}");
     let report = reap(&spool, T0.plus(Duration::from_secs(599))).unwrap();
     assert!(report.released.is_empty(), "{report:?}");
     assert_eq!(check_lease(&spool, &first).unwrap(), LeaseCheck::Held);
@@ -443,7 +446,7 @@ fn operator_actions_change_the_job_list() {
     );
 
     let lease = claim_next(&spool, "agent-1", T0).unwrap().unwrap();
-    let extended = master::extend(&spool, &lease.job, Duration::from_secs(600)).unwrap();
+    let extended = master::extend(&spool, &lease.job, Duration::from_secs(600), T0).unwrap();
     assert_eq!(
         extended.deadline,
         lease.deadline.plus(Duration::from_secs(600))

@@ -1,9 +1,9 @@
 //! The agent's side of the spool rules: find work, claim it, keep the claim.
 
-use crate::error::{IoContext, Result};
+use crate::error::{IoContext, Result, SpoolError};
 use crate::lease::{read_lease, Lease};
 use crate::queue::{read_job_list, Entry, EntryState};
-use crate::spool::{lease_path, status_path, SpoolFs, LEASES};
+use crate::spool::{job_path, lease_path, status_path, SpoolFs, JOB_LIST, LEASES};
 use crate::status::Status;
 use crate::time::Timestamp;
 
@@ -51,6 +51,47 @@ pub fn claim_next(fs: &dyn SpoolFs, agent: &str, now: Timestamp) -> Result<Optio
         }
     }
     Ok(None)
+}
+
+/// Largest job file an agent reads.
+pub const MAX_JOB_FILE: u64 = 1 << 20;
+
+/// The BLAKE3 that the job list pins for job `id`'s file.
+pub fn pinned_job_hash(fs: &dyn SpoolFs, id: &str) -> Result<String> {
+    read_job_list(fs)?
+        .get(id)
+        .map(|e| e.blake3.clone())
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| SpoolError::Corrupt {
+            path: JOB_LIST.into(),
+            problem: format!("pins no BLAKE3 for job {id:?}"),
+        })
+}
+
+/// Reads the job file of a held lease and checks it against the BLAKE3
+/// that the job list pins, before anything is done with it: the job file
+/// says what runs as root on the build machine.
+pub fn fetch_job(fs: &dyn SpoolFs, lease: &Lease) -> Result<String> {
+    let pinned = pinned_job_hash(fs, &lease.job)?;
+    let path = job_path(&lease.job);
+    let bytes = fs
+        .read_capped(&path, MAX_JOB_FILE)
+        .ctx(|| format!("reading {path}"))?
+        .ok_or_else(|| SpoolError::Corrupt {
+            path: path.clone(),
+            problem: "is missing".into(),
+        })?;
+    let got = blake3::hash(&bytes).to_hex();
+    if got.as_str() != pinned {
+        return Err(SpoolError::Corrupt {
+            path,
+            problem: format!("has BLAKE3 {got}, but {JOB_LIST} pins {pinned}"),
+        });
+    }
+    String::from_utf8(bytes).map_err(|_| SpoolError::Corrupt {
+        path,
+        problem: "is not UTF-8".into(),
+    })
 }
 
 /// What a holder finds when it looks at its lease again.

@@ -490,19 +490,20 @@ mod tests {
     use crate::upload::IMAGE_FILE;
 
     const T0: Timestamp = Timestamp(1_900_000_000);
+    const JOB: &str = "id = \"j1\"\npriority = 1\ntime_limit = \"1h\"\nmax_attempts = 3\n\
+                   [disk]\n[[disk.partitions]]\nlabel = \"root\"\nsize = \"rest\"\nkind = \"linux\"\nfs = \"ext4\"\nmount = \"/\"\n";
 
     fn spool_with_job() -> (tempfile::TempDir, LocalSpool, Lease) {
         let dir = tempfile::tempdir().unwrap();
         let fs = LocalSpool::new(dir.path().join("spool"));
         std::fs::create_dir(fs.root()).unwrap();
         master::init(&fs).unwrap();
-        let job = "id = \"j1\"\npriority = 1\ntime_limit = \"1h\"\nmax_attempts = 3\n\
-                   [disk]\n[[disk.partitions]]\nlabel = \"root\"\nsize = \"rest\"\nkind = \"linux\"\nfs = \"ext4\"\nmount = \"/\"\n";
-        master::add_job(&fs, job, Path::new("j1.toml"), T0).unwrap();
+        master::add_job(&fs, JOB, Path::new("j1.toml"), T0).unwrap();
         let lease = claim_next(&fs, "agent-1", T0).unwrap().unwrap();
         (dir, fs, lease)
     }
 
+    /// An image of `size` bytes for job j1 of a spool made by [`spool_with_job`].
     fn image(dir: &Path, size: usize) -> (std::path::PathBuf, ImageManifest) {
         let data: Vec<u8> = (0..size).map(|i| (i * 31 + i / 977) as u8).collect();
         let path = dir.join("image.raw.zst");
@@ -510,7 +511,7 @@ mod tests {
         let manifest = ImageManifest {
             format: "raw.zst".into(),
             job: "j1".into(),
-            job_blake3: String::new(),
+            job_blake3: blake3::hash(JOB.as_bytes()).to_hex().to_string(),
             agent: "agent-1".into(),
             disk_size: 1 << 30,
             block_size: 4096,

@@ -10,7 +10,7 @@ pub mod reaper;
 pub mod views;
 
 pub use operator::*;
-pub use reaper::{reap, release, ReapReport};
+pub use reaper::{reap, reap_locking, release, ReapReport};
 pub use views::*;
 
 use serde::{Deserialize, Serialize};
@@ -28,6 +28,8 @@ pub enum MasterError {
     Spool(#[from] SpoolError),
     #[error(transparent)]
     Job(#[from] JobError),
+    #[error(transparent)]
+    Untrusted(#[from] crate::untrusted::Untrusted),
     #[error("no job {0:?} in the spool")]
     NoSuchJob(String),
     #[error("job {0:?} already exists")]

@@ -3,16 +3,19 @@
 
 use std::io::Read;
 use std::path::Path;
+use std::time::Duration;
 
 use crate::error::{IoContext, SpoolError};
 use crate::job::{parse_job, JobError, JobSpec, MAX_PRIORITY};
-use crate::lease::{read_lease, Lease};
+use crate::lease::Lease;
 use crate::master::views::view_entry;
 use crate::master::{write_job_list, JobState, MasterError, Result};
 use crate::names::check_job_id;
 use crate::queue::{read_job_list, Entry, EntryState, JobList};
 use crate::spool::{history_path, image_dir, job_path, lease_path, payload_path, SpoolFs, HISTORY};
 use crate::time::Timestamp;
+use crate::units::TimeLimit;
+use crate::untrusted;
 
 /// BLAKE3 of a payload in the spool, streamed; `None` if it is missing.
 pub fn hash_payload(fs: &dyn SpoolFs, name: &str) -> Result<Option<String>> {
@@ -120,6 +123,7 @@ pub fn add_job(fs: &dyn SpoolFs, text: &str, file: &Path, now: Timestamp) -> Res
         submitted: now,
         blake3: blake3::hash(pinned.as_bytes()).to_hex().to_string(),
         message: String::new(),
+        lease: None,
     };
     list.push(entry);
     write_job_list(fs, &list)?;
@@ -181,6 +185,7 @@ pub fn cancel(fs: &dyn SpoolFs, id: &str, now: Timestamp) -> Result<()> {
         });
     }
     e.state = EntryState::Cancelled;
+    e.lease = None;
     e.message = format!("cancelled at {now}");
     write_job_list(fs, &list)?;
     let path = lease_path(id);
@@ -208,6 +213,7 @@ pub fn requeue(fs: &dyn SpoolFs, id: &str, now: Timestamp) -> Result<()> {
     let e = entry_mut(&mut list, id)?;
     e.state = EntryState::Queued;
     e.attempts = 0;
+    e.lease = None;
     e.max_attempts = spec.max_attempts;
     e.time_limit = spec.time_limit;
     e.message = format!("requeued at {now}");
@@ -216,8 +222,7 @@ pub fn requeue(fs: &dyn SpoolFs, id: &str, now: Timestamp) -> Result<()> {
 
 /// Ends a lease now, as if its deadline had passed: the attempt counts.
 pub fn reclaim(fs: &dyn SpoolFs, id: &str, now: Timestamp) -> Result<EntryState> {
-    let lease = read_lease(fs, id)?
-        .ok_or_else(|| MasterError::BadInput(format!("job {id:?} has no lease")))?;
+    let lease = held(fs, id)?;
     let mut list = read_job_list(fs)?;
     let state = crate::master::reaper::release(
         fs,
@@ -231,13 +236,40 @@ pub fn reclaim(fs: &dyn SpoolFs, id: &str, now: Timestamp) -> Result<EntryState>
     Ok(state)
 }
 
-/// Pushes a lease's deadline back by `by`.
-pub fn extend(fs: &dyn SpoolFs, id: &str, by: std::time::Duration) -> Result<Lease> {
-    let mut lease = read_lease(fs, id)?
-        .ok_or_else(|| MasterError::BadInput(format!("job {id:?} has no lease")))?;
-    lease.deadline = lease.deadline.plus(by);
-    let path = lease_path(id);
-    fs.write_atomic(&path, lease.to_toml().as_bytes())
-        .ctx(|| format!("writing {path}"))?;
+/// The job's lease, read as the hostile input it is.
+fn held(fs: &dyn SpoolFs, id: &str) -> Result<Lease> {
+    check_job_id(id).map_err(|p| MasterError::BadInput(format!("job id {p}")))?;
+    untrusted::lease(fs, id)?
+        .ok_or_else(|| MasterError::BadInput(format!("job {id:?} has no lease")))
+}
+
+/// Pushes a lease's deadline back by `by`, in the master's records (the
+/// lease file is the agent's and is not trusted for its deadline). A lease
+/// can be extended by at most [`TimeLimit::MAX`] in all. Returns the lease
+/// with the master's new deadline.
+pub fn extend(fs: &dyn SpoolFs, id: &str, by: Duration, now: Timestamp) -> Result<Lease> {
+    let mut lease = held(fs, id)?;
+    let mut list = read_job_list(fs)?;
+    let e = entry_mut(&mut list, id)?;
+    if e.state != EntryState::Queued {
+        return Err(MasterError::BadInput(format!(
+            "job {id:?} is no longer queued; its lease ends at the next reap pass"
+        )));
+    }
+    e.record_lease(&lease.token, now);
+    let record = e.lease.as_mut().expect("recorded just above");
+    record.extended = record
+        .extended
+        .checked_add(by.as_secs())
+        .filter(|total| *total <= TimeLimit::MAX.as_secs())
+        .ok_or_else(|| {
+            MasterError::BadInput(format!(
+                "a lease can be extended by at most {} in all",
+                TimeLimit::MAX
+            ))
+        })?;
+    lease.deadline = e.deadline(&lease.token, now);
+    lease.attempt = e.attempts.saturating_add(1);
+    write_job_list(fs, &list)?;
     Ok(lease)
 }

@@ -1,175 +1,82 @@
 //! Publishing: a complete upload whose token is the job's current lease is
-//! verified chunk by chunk and moved whole into `images/<id>/`.
+//! verified chunk by chunk and copied into a temporary directory under
+//! `images/` ([`stage`], without the masters' lock), then renamed whole into
+//! `images/<id>/` and recorded ([`commit`], under it). `images/` is the
+//! master's alone, so `images/<id>/published.toml` is the publication's
+//! record: a master stopped anywhere after the rename finishes the job on
+//! its next pass ([`finish_published`]), whatever happened to the lease.
 
 use std::io::{Read, Write};
 
-use crate::error::{IoContext, SpoolError};
-use crate::lease::{check_token, read_lease, Lease};
-use crate::manifest::ImageManifest;
+use crate::error::IoContext;
+use crate::lease::Lease;
 use crate::master::reaper::{release, ReapReport};
-use crate::master::{write_job_list, HistoryRecord, MasterError, Result};
-use crate::names::check_job_id;
-use crate::queue::{Entry, EntryState, JobList};
+use crate::master::{write_job_list, HistoryRecord, Result};
+use crate::queue::{EntryState, JobList};
 use crate::spool::{
     history_path, image_dir, incoming_dir, lease_path, status_path, SpoolFs, IMAGES, INCOMING,
     TMP_PREFIX,
 };
-use crate::status::read_status;
 use crate::time::Timestamp;
-use crate::units::TimeLimit;
-use crate::upload::{
-    chunk_name, ChunkList, Published, CHUNKS, IMAGE_FILE, JOB_LOG, MANIFEST, PUBLISHED,
-};
+use crate::untrusted::{self, MAX_JOB_LOG};
+use crate::upload::{chunk_name, Published, CHUNKS, IMAGE_FILE, JOB_LOG, MANIFEST, PUBLISHED};
 
-pub(crate) fn publish_uploads(
-    fs: &dyn SpoolFs,
-    list: &mut JobList,
-    now: Timestamp,
-    report: &mut ReapReport,
-) -> Result<()> {
-    for id in fs.list(INCOMING).ctx(|| format!("listing {INCOMING}/"))? {
-        if check_job_id(&id).is_err() {
-            continue;
-        }
-        // An unreadable lease must not count as no lease: that would delete
-        // the holder's upload. A corrupt one is cleared by the next pass.
-        let lease = match read_lease(fs, &id) {
-            Ok(l) => l,
-            Err(SpoolError::Corrupt { .. }) => continue,
-            Err(e) => return Err(e.into()),
-        };
-        for token in fs
-            .list(&format!("{INCOMING}/{id}"))
-            .ctx(|| format!("listing {INCOMING}/{id}/"))?
-        {
-            let dir = incoming_dir(&id, &token);
-            let current = lease
-                .as_ref()
-                .filter(|l| l.token == token && check_token(&token).is_ok());
-            let complete = fs
-                .exists(&format!("{dir}/{MANIFEST}"))
-                .ctx(|| format!("reading {dir}"))?;
-            match (current, complete) {
-                (Some(lease), true) => match publish(fs, lease, now) {
-                    Ok(record) => {
-                        finish(fs, list, record)?;
-                        report.published.push(id.clone());
-                    }
-                    Err(Refusal(why)) => {
-                        let state = release(fs, list, lease, &format!("upload refused: {why}"))?;
-                        report
-                            .refused
-                            .push((id.clone(), token.clone(), why.clone()));
-                        report
-                            .released
-                            .push((id.clone(), state, format!("upload refused: {why}")));
-                    }
-                },
-                (Some(_), false) => {}
-                (None, complete) => {
-                    // Not the job's lease: a holder that was reaped, or a
-                    // stray directory. It can never be published.
-                    fs.remove_dir_all(&dir).ctx(|| format!("removing {dir}"))?;
-                    if complete {
-                        report.refused.push((
-                            id.clone(),
-                            token.clone(),
-                            "its token is not the job's current lease".into(),
-                        ));
-                    }
-                }
-            }
-        }
-    }
-    Ok(())
+/// An upload verified and copied into `images/`, not yet visible.
+pub struct Staged {
+    tmp: String,
 }
 
-/// Why an upload is not published.
-struct Refusal(String);
-
-impl From<MasterError> for Refusal {
-    fn from(e: MasterError) -> Self {
-        Refusal(e.to_string())
-    }
+fn staging_dir(lease: &Lease) -> String {
+    format!("{IMAGES}/{TMP_PREFIX}{}.{}", lease.job, lease.token)
 }
 
-impl From<SpoolError> for Refusal {
-    fn from(e: SpoolError) -> Self {
-        Refusal(e.to_string())
-    }
-}
-
-fn read_text(fs: &dyn SpoolFs, path: &str) -> std::result::Result<String, Refusal> {
-    let bytes = fs
-        .read_opt(path)
-        .ctx(|| format!("reading {path}"))?
-        .ok_or_else(|| Refusal(format!("{path} is missing")))?;
-    String::from_utf8(bytes).map_err(|_| Refusal(format!("{path} is not UTF-8")))
-}
-
-/// Verifies an upload and moves it into `images/<job>/`; the final name
-/// appears only once the image is complete.
-fn publish(
+/// Verifies the upload of `lease` and copies it into a staging directory
+/// under `images/`: every chunk's BLAKE3 and size against the chunk list,
+/// the whole image's against the manifest, the manifest's job hash against
+/// `job_blake3` (the master's pin). What is copied is what was hashed, so an
+/// agent that rewrites its chunks meanwhile gains nothing. `Err` says why the
+/// upload is refused.
+pub fn stage(
     fs: &dyn SpoolFs,
     lease: &Lease,
+    job_blake3: &str,
     now: Timestamp,
-) -> std::result::Result<HistoryRecord, Refusal> {
+) -> std::result::Result<Staged, String> {
     let dir = incoming_dir(&lease.job, &lease.token);
-    let final_dir = image_dir(&lease.job);
-    let published_path = format!("{final_dir}/{PUBLISHED}");
-    // A pass that stopped after the rename but before the bookkeeping
-    // finishes the job now rather than refusing the upload.
-    if let Some(bytes) = fs
-        .read_opt(&published_path)
-        .ctx(|| format!("reading {published_path}"))?
-    {
-        let p: Published = toml::from_str(&String::from_utf8_lossy(&bytes))
-            .map_err(|e| Refusal(format!("{published_path}: {e}")))?;
-        if p.token == lease.token {
-            return Ok(history(fs, lease, now));
-        }
-        return Err(Refusal(format!(
-            "{final_dir} already holds an image from another lease"
-        )));
+    let records = untrusted::upload_records(fs, &dir, &lease.job).map_err(|e| e.to_string())?;
+    let (chunks, manifest) = (&records.chunks, &records.manifest);
+    if manifest.job_blake3 != job_blake3 {
+        return Err(format!(
+            "{MANIFEST} is for the job file with BLAKE3 {:?}, the job list pins {job_blake3}",
+            manifest.job_blake3.escape_debug().to_string()
+        ));
     }
 
-    let chunks_text = read_text(fs, &format!("{dir}/{CHUNKS}"))?;
-    let chunks = ChunkList::parse(&chunks_text).map_err(|e| Refusal(format!("{CHUNKS}: {e}")))?;
-    chunks
-        .check_shape()
-        .map_err(|e| Refusal(format!("{CHUNKS}: {e}")))?;
-    let manifest_text = read_text(fs, &format!("{dir}/{MANIFEST}"))?;
-    let manifest =
-        ImageManifest::parse(&manifest_text).map_err(|e| Refusal(format!("{MANIFEST}: {e}")))?;
-    if manifest.job != lease.job {
-        return Err(Refusal(format!("{MANIFEST} is for job {:?}", manifest.job)));
-    }
-    if manifest.image_size != chunks.total_size {
-        return Err(Refusal(format!(
-            "{MANIFEST} says the image is {} bytes, the chunks hold {}",
-            manifest.image_size, chunks.total_size
-        )));
-    }
-
-    let tmp = format!("{IMAGES}/{TMP_PREFIX}{}.{}", lease.job, lease.token);
-    fs.remove_dir_all(&tmp).ctx(|| format!("removing {tmp}"))?;
-    fs.mkdir_all(&tmp).ctx(|| format!("creating {tmp}"))?;
+    let tmp = staging_dir(lease);
+    let io = |what: String| move |e: std::io::Error| format!("{what}: {e}");
+    fs.remove_dir_all(&tmp)
+        .map_err(io(format!("removing {tmp}")))?;
+    fs.mkdir_all(&tmp).map_err(io(format!("creating {tmp}")))?;
     let result = (|| {
         let image_path = format!("{tmp}/{IMAGE_FILE}");
         let mut out = fs
             .create_write(&image_path)
-            .ctx(|| format!("creating {image_path}"))?;
+            .map_err(io(format!("creating {image_path}")))?;
         let mut whole = blake3::Hasher::new();
         let mut buf = vec![0u8; 1 << 20];
         for (i, c) in chunks.chunks.iter().enumerate() {
             let path = format!("{dir}/{}", chunk_name(i));
-            let mut r = fs
-                .open_read(&path)
-                .map_err(|e| Refusal(format!("chunk {i}: {e}")))?;
+            let mut r = fs.open_read(&path).map_err(|e| format!("chunk {i}: {e}"))?;
             let mut h = blake3::Hasher::new();
             let mut size = 0u64;
             loop {
-                let n = r.read(&mut buf).ctx(|| format!("reading {path}"))?;
+                // Never more than the chunk list allows: a chunk that keeps
+                // growing is cut off and refused below.
+                let room = c.size.saturating_add(1).saturating_sub(size);
+                let want = buf.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+                let n = r
+                    .read(&mut buf[..want])
+                    .map_err(io(format!("reading {path}")))?;
                 if n == 0 {
                     break;
                 }
@@ -177,40 +84,38 @@ fn publish(
                 whole.update(&buf[..n]);
                 size += n as u64;
                 out.write_all(&buf[..n])
-                    .ctx(|| format!("writing {image_path}"))?;
+                    .map_err(io(format!("writing {image_path}")))?;
             }
             if size != c.size {
-                return Err(Refusal(format!(
-                    "chunk {i} holds {size} bytes, {CHUNKS} says {}",
+                return Err(format!(
+                    "chunk {i} holds {}{size} bytes, {CHUNKS} says {}",
+                    if size > c.size { "more than " } else { "" },
                     c.size
-                )));
+                ));
             }
             let got = h.finalize().to_hex();
             if got.as_str() != c.blake3 {
-                return Err(Refusal(format!(
+                return Err(format!(
                     "chunk {i} has BLAKE3 {got}, {CHUNKS} says {}",
-                    c.blake3
-                )));
+                    c.blake3.escape_debug()
+                ));
             }
         }
-        out.flush().ctx(|| format!("writing {image_path}"))?;
+        out.flush().map_err(io(format!("writing {image_path}")))?;
         drop(out);
         let got = whole.finalize().to_hex();
         if got.as_str() != manifest.image_blake3 {
-            return Err(Refusal(format!(
+            return Err(format!(
                 "the image has BLAKE3 {got}, {MANIFEST} says {}",
-                manifest.image_blake3
-            )));
+                manifest.image_blake3.escape_debug()
+            ));
         }
-        fs.write_atomic(&format!("{tmp}/{MANIFEST}"), manifest_text.as_bytes())
-            .ctx(|| format!("writing {tmp}"))?;
-        if let Some(log) = fs
-            .read_opt(&format!("{dir}/{JOB_LOG}"))
-            .ctx(|| format!("reading {dir}/{JOB_LOG}"))?
-        {
-            fs.write_atomic(&format!("{tmp}/{JOB_LOG}"), &log)
-                .ctx(|| format!("writing {tmp}/{JOB_LOG}"))?;
-        }
+        fs.write_atomic(
+            &format!("{tmp}/{MANIFEST}"),
+            records.manifest_text.as_bytes(),
+        )
+        .map_err(io(format!("writing {tmp}/{MANIFEST}")))?;
+        copy_job_log(fs, &dir, &tmp);
         let published = Published {
             job: lease.job.clone(),
             token: lease.token.clone(),
@@ -220,60 +125,154 @@ fn publish(
             image_blake3: manifest.image_blake3.clone(),
             disk_size: manifest.disk_size,
         };
-        let text = toml::to_string(&published).expect("a publish record always serializes");
-        fs.write_atomic(&format!("{tmp}/{PUBLISHED}"), text.as_bytes())
-            .ctx(|| format!("writing {tmp}"))?;
-        fs.rename_noclobber(&tmp, &final_dir)
-            .ctx(|| format!("renaming {tmp} to {final_dir}"))?;
+        fs.write_atomic(
+            &format!("{tmp}/{PUBLISHED}"),
+            published.to_toml().as_bytes(),
+        )
+        .map_err(io(format!("writing {tmp}/{PUBLISHED}")))?;
         Ok(())
     })();
     if result.is_err() {
         let _ = fs.remove_dir_all(&tmp);
     }
-    result?;
-    Ok(history(fs, lease, now))
+    result.map(|()| Staged { tmp })
 }
 
-fn history(fs: &dyn SpoolFs, lease: &Lease, now: Timestamp) -> HistoryRecord {
-    let status = read_status(fs, &lease.job)
-        .unwrap_or(None)
-        .filter(|s| s.token == lease.token);
-    HistoryRecord {
-        entry: Entry {
-            id: lease.job.clone(),
-            priority: 0,
-            seq: 0,
-            state: EntryState::Queued,
-            attempts: lease.attempt,
-            max_attempts: 0,
-            time_limit: TimeLimit::MIN,
-            submitted: now,
-            blake3: String::new(),
-            message: format!("published at {now}"),
-        },
+/// Keeps the agent's job log with the image, cut at [`MAX_JOB_LOG`]; a log
+/// that is missing or not a regular file is left behind.
+fn copy_job_log(fs: &dyn SpoolFs, from: &str, to: &str) {
+    let src = format!("{from}/{JOB_LOG}");
+    let Ok(r) = fs.open_read(&src) else {
+        return;
+    };
+    let dst = format!("{to}/{JOB_LOG}");
+    let copied = fs.create_write(&dst).and_then(|mut w| {
+        std::io::copy(&mut r.take(MAX_JOB_LOG), &mut w)?;
+        w.flush()
+    });
+    if let Err(e) = copied {
+        tracing::warn!("keeping {src}: {e}");
+        let _ = fs.remove(&dst);
+    }
+}
+
+/// Makes a staged upload the job's image if its lease is still the job's
+/// current one, and records the job as done; refuses the upload (and ends
+/// the lease) if staging failed. Runs under the masters' lock.
+pub fn commit(
+    fs: &dyn SpoolFs,
+    list: &mut JobList,
+    lease: &Lease,
+    outcome: std::result::Result<Staged, String>,
+    now: Timestamp,
+    report: &mut ReapReport,
+) -> Result<()> {
+    let id = &lease.job;
+    // The lease may have been reaped, cancelled or replaced while the
+    // upload was verified without the lock.
+    let current = untrusted::lease(fs, id)
+        .ok()
+        .flatten()
+        .is_some_and(|l| l.token == lease.token)
+        && list.get(id).is_some_and(|e| e.state == EntryState::Queued);
+    match outcome {
+        Ok(staged) if current => {
+            let final_dir = image_dir(id);
+            if let Err(e) = fs.rename_noclobber(&staged.tmp, &final_dir) {
+                let _ = fs.remove_dir_all(&staged.tmp);
+                let why = if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    format!("{final_dir} already holds an image")
+                } else {
+                    format!("renaming {} to {final_dir}: {e}", staged.tmp)
+                };
+                return refuse(fs, list, lease, why, report);
+            }
+            finish_published(fs, list, now, report)?;
+        }
+        Ok(staged) => {
+            let _ = fs.remove_dir_all(&staged.tmp);
+        }
+        Err(why) if current => refuse(fs, list, lease, why, report)?,
+        Err(_) => {}
+    }
+    Ok(())
+}
+
+fn refuse(
+    fs: &dyn SpoolFs,
+    list: &mut JobList,
+    lease: &Lease,
+    why: String,
+    report: &mut ReapReport,
+) -> Result<()> {
+    let why = format!("upload refused: {why}");
+    let state = release(fs, list, lease, &why)?;
+    report.refused.push((
+        lease.job.clone(),
+        lease.token.clone(),
+        why.trim_start_matches("upload refused: ").to_string(),
+    ));
+    report.released.push((lease.job.clone(), state, why));
+    Ok(())
+}
+
+/// Finishes every job of the list that already has a published image: the
+/// rename into `images/<id>/` is the publication, and what follows (the
+/// history record, the job list, removing the lease, heartbeat and upload)
+/// is done again until it is complete. Returns true if the list changed
+/// (it is then written already).
+pub fn finish_published(
+    fs: &dyn SpoolFs,
+    list: &mut JobList,
+    now: Timestamp,
+    report: &mut ReapReport,
+) -> Result<bool> {
+    let mut done = Vec::new();
+    for e in &list.jobs {
+        let path = format!("{}/{PUBLISHED}", image_dir(&e.id));
+        if let Some(bytes) = fs.read_opt(&path).ctx(|| format!("reading {path}"))? {
+            match Published::parse(&String::from_utf8_lossy(&bytes)) {
+                Ok(p) => done.push(p),
+                Err(err) => report.set_aside.push((path, err.to_string())),
+            }
+        }
+    }
+    let changed = !done.is_empty();
+    for p in done {
+        finish(fs, list, &p, now)?;
+        report.published.push(p.job);
+    }
+    Ok(changed)
+}
+
+/// Records a published job in `history/` and drops it from the job list,
+/// then removes its lease, heartbeat and uploads.
+fn finish(fs: &dyn SpoolFs, list: &mut JobList, p: &Published, now: Timestamp) -> Result<()> {
+    let id = &p.job;
+    let Some(mut entry) = list.remove(id) else {
+        return Ok(());
+    };
+    let status = untrusted::status(fs, id)
+        .ok()
+        .flatten()
+        .filter(|s| s.token == p.token);
+    // The attempt that succeeded counts.
+    entry.attempts = entry.attempts.saturating_add(1);
+    entry.lease = None;
+    entry.message = format!("published at {}", p.published);
+    let record = HistoryRecord {
+        entry,
         finished: now,
-        agent: lease.agent.clone(),
-        token: lease.token.clone(),
+        agent: p.agent.clone(),
+        token: p.token.clone(),
         status,
-    }
-}
-
-/// Records a published job in `history/` and drops it from the job list.
-fn finish(fs: &dyn SpoolFs, list: &mut JobList, mut record: HistoryRecord) -> Result<()> {
-    let id = record.entry.id.clone();
-    if let Some(e) = list.remove(&id) {
-        record.entry = Entry {
-            attempts: record.entry.attempts,
-            message: record.entry.message,
-            ..e
-        };
-    }
-    let path = history_path(&id);
+    };
+    let path = history_path(id);
     fs.write_atomic(&path, record.to_toml().as_bytes())
         .ctx(|| format!("writing {path}"))?;
     write_job_list(fs, list)?;
-    for p in [lease_path(&id), status_path(&id)] {
-        fs.remove(&p).ctx(|| format!("removing {p}"))?;
+    for p in [lease_path(id), status_path(id)] {
+        fs.remove_dir_all(&p).ctx(|| format!("removing {p}"))?;
     }
     let dir = format!("{INCOMING}/{id}");
     fs.remove_dir_all(&dir).ctx(|| format!("removing {dir}"))?;

@@ -4,13 +4,14 @@
 use serde::Serialize;
 
 use crate::error::IoContext;
-use crate::lease::{read_lease, Lease};
+use crate::lease::Lease;
 use crate::master::{HistoryRecord, JobState, MasterError, Result};
 use crate::names::check_job_id;
 use crate::queue::{read_job_list, Entry, EntryState};
 use crate::spool::{history_path, SpoolFs, HISTORY};
-use crate::status::{read_status, AgentState, Status};
+use crate::status::{AgentState, Status};
 use crate::time::Timestamp;
+use crate::untrusted;
 
 /// One job as the operator sees it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -36,11 +37,14 @@ pub struct JobView {
 }
 
 pub(crate) fn view_entry(fs: &dyn SpoolFs, e: &Entry, now: Timestamp) -> Result<JobView> {
-    // A lease that cannot be read still holds the job until `reap` clears it.
-    let lease = read_lease(fs, &e.id).unwrap_or(None);
-    let status = read_status(fs, &e.id)
-        .unwrap_or(None)
-        .filter(|s| lease.as_ref().is_some_and(|l| l.token == s.token));
+    // What the agent wrote is read through the untrusted reader; its
+    // deadline and attempt are replaced by the master's own.
+    let lease = untrusted::lease(fs, &e.id).ok().flatten().map(|mut l| {
+        l.deadline = e.deadline(&l.token, now);
+        l.attempt = e.attempts.saturating_add(1);
+        l
+    });
+    let status = lease.as_ref().and_then(|l| untrusted::status_of(fs, l));
     let state = match (e.state, &lease, &status) {
         (EntryState::Queued, Some(_), Some(s))
             if matches!(s.state, AgentState::Uploading | AgentState::Uploaded) =>

@@ -1,0 +1,338 @@
+//! The master's one reader of what agents write: leases, heartbeats and
+//! uploads. Whoever can fetch the initramfs holds the agent key, so all of
+//! it is hostile input. Every record is read relative to the spool without
+//! following a symlink (the master's [`crate::LocalSpool`] resolves every
+//! path beneath its root), only from a regular file, up to a size cap; every
+//! field is validated, paths are built from validated names only, and each
+//! number an agent wrote is used with checked arithmetic. A record that
+//! fails is an [`Untrusted::Bad`] that names the file and the problem, for
+//! the caller to report once and set aside; it never stops a pass.
+
+use std::io;
+
+use crate::lease::{check_token, Lease};
+use crate::manifest::ImageManifest;
+use crate::names::check_job_id;
+use crate::spool::{lease_path, status_path, SpoolFs};
+use crate::status::Status;
+use crate::upload::{ChunkList, CHUNKS, MANIFEST};
+
+/// Largest lease file.
+pub const MAX_LEASE: u64 = 4 << 10;
+/// Largest status file.
+pub const MAX_STATUS: u64 = 16 << 10;
+/// Largest chunk list or manifest: a few hundred thousand ranges.
+pub const MAX_UPLOAD_RECORD: u64 = 32 << 20;
+/// Largest job log the master keeps with an image; the rest is cut off.
+pub const MAX_JOB_LOG: u64 = 16 << 20;
+/// Longest agent id, server address, phase and message an agent may report.
+pub const MAX_AGENT_ID: usize = 128;
+pub const MAX_SERVER: usize = 256;
+pub const MAX_PHASE: usize = 64;
+pub const MAX_MESSAGE: usize = 4096;
+
+/// Why something an agent wrote was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum Untrusted {
+    /// The record is malformed, oversized, not a regular file, or reached
+    /// through a symlink: report it and set it aside.
+    #[error("{path}: {problem}")]
+    Bad { path: String, problem: String },
+    /// The spool itself failed (a disk error): not the agent's doing.
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// I/O errors that mean the entry is not what it should be (a symlink on
+/// the way, a directory or FIFO where a file belongs, too large) rather
+/// than the spool failing.
+fn is_hostile(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::PermissionDenied | io::ErrorKind::InvalidData | io::ErrorKind::InvalidInput
+    ) || matches!(
+        e.raw_os_error(),
+        Some(code) if code == nix::errno::Errno::EISDIR as i32
+            || code == nix::errno::Errno::ENOTDIR as i32
+            || code == nix::errno::Errno::ELOOP as i32
+    )
+}
+
+fn bad(path: &str, problem: impl Into<String>) -> Untrusted {
+    Untrusted::Bad {
+        path: path.to_string(),
+        problem: problem.into(),
+    }
+}
+
+/// Reads an agent-written file as UTF-8 text of at most `max` bytes;
+/// `None` if it does not exist.
+pub fn read_text(fs: &dyn SpoolFs, path: &str, max: u64) -> Result<Option<String>, Untrusted> {
+    let bytes = match fs.read_capped(path, max) {
+        Ok(Some(b)) => b,
+        Ok(None) => return Ok(None),
+        Err(e) if is_hostile(&e) => return Err(bad(path, e.to_string())),
+        Err(source) => {
+            return Err(Untrusted::Io {
+                what: format!("reading {path}"),
+                source,
+            })
+        }
+    };
+    String::from_utf8(bytes)
+        .map(Some)
+        .map_err(|_| bad(path, "is not UTF-8"))
+}
+
+/// A string an agent wrote that the operator will see: bounded, one line.
+pub fn check_text(field: &str, s: &str, max: usize) -> Result<(), String> {
+    if s.len() > max {
+        return Err(format!(
+            "{field} is {} bytes long; at most {max} are allowed",
+            s.len()
+        ));
+    }
+    if s.contains(['\0', '\n']) {
+        return Err(format!("{field} holds a NUL or a newline"));
+    }
+    Ok(())
+}
+
+/// The checks on a lease that the file name `id` holds.
+pub fn check_lease(lease: &Lease, id: &str) -> Result<(), String> {
+    if lease.job != id {
+        return Err(format!(
+            "job {:?} differs from the file name {id:?}",
+            lease.job.escape_debug().to_string()
+        ));
+    }
+    check_token(&lease.token).map_err(|e| format!("token: {e}"))?;
+    check_text("agent", &lease.agent, MAX_AGENT_ID)?;
+    if lease.agent.is_empty() {
+        return Err("agent is empty".into());
+    }
+    Ok(())
+}
+
+/// Reads and validates `leases/<id>`. `id` must already be a valid job id.
+/// The deadline and attempt the file holds are the agent's word and are not
+/// used by the master (see [`crate::queue::Entry::deadline`]).
+pub fn lease(fs: &dyn SpoolFs, id: &str) -> Result<Option<Lease>, Untrusted> {
+    let path = lease_path(id);
+    check_job_id(id).map_err(|p| bad(&path, format!("job id {p}")))?;
+    let Some(text) = read_text(fs, &path, MAX_LEASE)? else {
+        return Ok(None);
+    };
+    let lease = Lease::parse(&text).map_err(|e| bad(&path, e.to_string()))?;
+    check_lease(&lease, id).map_err(|p| bad(&path, p))?;
+    Ok(Some(lease))
+}
+
+/// The checks on a heartbeat for job `id`.
+pub fn check_status(s: &Status, id: &str) -> Result<(), String> {
+    if s.job != id {
+        return Err(format!(
+            "job {:?} differs from the file name {id:?}",
+            s.job.escape_debug().to_string()
+        ));
+    }
+    check_token(&s.token).map_err(|e| format!("token: {e}"))?;
+    check_text("agent", &s.agent, MAX_AGENT_ID)?;
+    check_text("server", &s.server, MAX_SERVER)?;
+    check_text("phase", &s.phase, MAX_PHASE)?;
+    // A message may span lines (a step's stderr tail); it is escaped for display.
+    if s.message.len() > MAX_MESSAGE {
+        return Err(format!(
+            "message is {} bytes long; at most {MAX_MESSAGE} are allowed",
+            s.message.len()
+        ));
+    }
+    if !(0.0..=1.0).contains(&s.progress) {
+        return Err(format!("progress {} is not between 0 and 1", s.progress));
+    }
+    Ok(())
+}
+
+/// Reads and validates `status/<id>.toml`.
+pub fn status(fs: &dyn SpoolFs, id: &str) -> Result<Option<Status>, Untrusted> {
+    let path = status_path(id);
+    check_job_id(id).map_err(|p| bad(&path, format!("job id {p}")))?;
+    let Some(text) = read_text(fs, &path, MAX_STATUS)? else {
+        return Ok(None);
+    };
+    let status = Status::parse(&text).map_err(|e| bad(&path, e.to_string()))?;
+    check_status(&status, id).map_err(|p| bad(&path, p))?;
+    Ok(Some(status))
+}
+
+/// The heartbeat of the holder of `lease`, if it wrote one; anything
+/// unreadable or from another lease counts as none.
+pub fn status_of(fs: &dyn SpoolFs, lease: &Lease) -> Option<Status> {
+    status(fs, &lease.job)
+        .ok()
+        .flatten()
+        .filter(|s| s.token == lease.token)
+}
+
+/// An upload's chunk list and manifest, read from `dir`, checked against
+/// each other and against `job`; the text of the manifest is kept as the
+/// agent wrote it, since that is what gets published.
+pub struct UploadRecords {
+    pub chunks: ChunkList,
+    pub manifest: ImageManifest,
+    pub manifest_text: String,
+}
+
+pub fn upload_records(fs: &dyn SpoolFs, dir: &str, job: &str) -> Result<UploadRecords, Untrusted> {
+    let chunks_path = format!("{dir}/{CHUNKS}");
+    let chunks_text = read_text(fs, &chunks_path, MAX_UPLOAD_RECORD)?
+        .ok_or_else(|| bad(&chunks_path, "is missing"))?;
+    let chunks = ChunkList::parse(&chunks_text).map_err(|e| bad(&chunks_path, e.to_string()))?;
+    chunks.check_shape().map_err(|p| bad(&chunks_path, p))?;
+    let manifest_path = format!("{dir}/{MANIFEST}");
+    let manifest_text = read_text(fs, &manifest_path, MAX_UPLOAD_RECORD)?
+        .ok_or_else(|| bad(&manifest_path, "is missing"))?;
+    let manifest =
+        ImageManifest::parse(&manifest_text).map_err(|e| bad(&manifest_path, e.to_string()))?;
+    if manifest.job != job {
+        return Err(bad(
+            &manifest_path,
+            format!("is for job {:?}", manifest.job.escape_debug().to_string()),
+        ));
+    }
+    if manifest.image_size != chunks.total_size {
+        return Err(bad(
+            &manifest_path,
+            format!(
+                "says the image is {} bytes, the chunks hold {}",
+                manifest.image_size, chunks.total_size
+            ),
+        ));
+    }
+    check_text("agent", &manifest.agent, MAX_AGENT_ID).map_err(|p| bad(&manifest_path, p))?;
+    manifest
+        .ranges
+        .iter()
+        .try_fold(0u64, |sum, r| {
+            r.offset
+                .checked_add(r.length)
+                .filter(|end| *end <= manifest.disk_size)
+                .and(sum.checked_add(r.length))
+        })
+        .ok_or_else(|| bad(&manifest_path, "a data range lies outside the disk"))?;
+    Ok(UploadRecords {
+        chunks,
+        manifest,
+        manifest_text,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::LocalSpool;
+    use crate::time::Timestamp;
+    use std::os::unix::fs::symlink;
+
+    fn spool() -> (tempfile::TempDir, LocalSpool) {
+        let dir = tempfile::tempdir().unwrap();
+        for d in ["leases", "status"] {
+            std::fs::create_dir(dir.path().join(d)).unwrap();
+        }
+        let s = LocalSpool::new(dir.path());
+        (dir, s)
+    }
+
+    fn lease_text(job: &str, token: &str, agent: &str) -> String {
+        format!(
+            "job = {job:?}\nagent = {agent:?}\ntoken = {token:?}\nacquired = \"2026-01-01T00:00:00Z\"\n\
+             deadline = \"9999-12-31T23:59:59Z\"\nattempt = 0\n"
+        )
+    }
+
+    #[test]
+    fn a_lease_must_name_its_own_file() {
+        let (dir, s) = spool();
+        let put = |name: &str, text: &str| {
+            std::fs::write(dir.path().join("leases").join(name), text).unwrap()
+        };
+        put("a", &lease_text("a", "1-00ff", "n1"));
+        assert_eq!(lease(&s, "a").unwrap().unwrap().agent, "n1");
+        for (text, want) in [
+            (
+                lease_text("X/../../..", "1-00ff", "n1"),
+                "differs from the file name",
+            ),
+            (
+                lease_text("../jobs.toml", "1-00ff", "n1"),
+                "differs from the file name",
+            ),
+            (lease_text("a", "../../x", "n1"), "token"),
+            (lease_text("a", "1-00ff", ""), "agent is empty"),
+            (lease_text("a", "1-00ff", &"n".repeat(200)), "at most 128"),
+            ("garbage".to_string(), "leases/a"),
+        ] {
+            put("a", &text);
+            let e = lease(&s, "a").unwrap_err().to_string();
+            assert!(e.contains(want) && e.starts_with("leases/a"), "{text}: {e}");
+        }
+        put("a", &"x".repeat(MAX_LEASE as usize + 1));
+        let e = lease(&s, "a").unwrap_err().to_string();
+        assert!(e.contains("larger than"), "{e}");
+        assert!(lease(&s, "../jobs").is_err());
+        assert!(lease(&s, "b").unwrap().is_none());
+    }
+
+    #[test]
+    fn records_through_symlinks_or_of_the_wrong_kind_are_bad() {
+        let (dir, s) = spool();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("l"), lease_text("a", "1-00ff", "n1")).unwrap();
+        symlink(outside.path().join("l"), dir.path().join("leases/a")).unwrap();
+        assert!(matches!(lease(&s, "a"), Err(Untrusted::Bad { .. })));
+        symlink("/dev/zero", dir.path().join("status/a.toml")).unwrap();
+        assert!(matches!(status(&s, "a"), Err(Untrusted::Bad { .. })));
+        std::fs::create_dir(dir.path().join("leases/b")).unwrap();
+        assert!(matches!(lease(&s, "b"), Err(Untrusted::Bad { .. })));
+    }
+
+    #[test]
+    fn status_fields_are_bounded() {
+        let (dir, s) = spool();
+        let good = Status {
+            job: "a".into(),
+            agent: "n1".into(),
+            token: "1-00ff".into(),
+            server: "127.0.0.1:22".into(),
+            state: crate::status::AgentState::Building,
+            phase: "mkfs".into(),
+            progress: 0.5,
+            message: "line one\nline two".into(),
+            started: Timestamp(1),
+            updated: Timestamp(2),
+        };
+        let put =
+            |st: &Status| std::fs::write(dir.path().join("status/a.toml"), st.to_toml()).unwrap();
+        put(&good);
+        assert_eq!(status(&s, "a").unwrap().unwrap(), good);
+        type Change = fn(&mut Status);
+        let cases: [(Change, &str); 5] = [
+            (|s| s.job = "b".into(), "differs"),
+            (|s| s.phase = "p".repeat(100), "phase"),
+            (|s| s.message = "m".repeat(MAX_MESSAGE + 1), "message"),
+            (|s| s.progress = 7.0, "progress"),
+            (|s| s.agent = "a\nb".into(), "agent"),
+        ];
+        for (change, want) in cases {
+            let mut st = good.clone();
+            change(&mut st);
+            put(&st);
+            let e = status(&s, "a").unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
+    }
+}
