@@ -20,6 +20,7 @@ pub mod queue;
 pub mod sftp;
 pub mod spool;
 pub mod status;
+pub mod stream;
 pub mod time;
 pub mod untrusted;
 pub mod units;

@@ -1,7 +1,6 @@
 //! The operator's actions on the job list: submit, reorder, cancel,
 //! requeue, reclaim and extend a lease.
 
-use std::io::Read;
 use std::path::Path;
 use std::time::Duration;
 
@@ -13,6 +12,7 @@ use crate::master::{write_job_list, JobState, MasterError, Result};
 use crate::names::check_job_id;
 use crate::queue::{read_job_list, Entry, EntryState, JobList};
 use crate::spool::{history_path, image_dir, job_path, lease_path, payload_path, SpoolFs, HISTORY};
+use crate::stream;
 use crate::time::Timestamp;
 use crate::units::TimeLimit;
 use crate::untrusted;
@@ -20,7 +20,7 @@ use crate::untrusted;
 /// BLAKE3 of a payload in the spool, streamed; `None` if it is missing.
 pub fn hash_payload(fs: &dyn SpoolFs, name: &str) -> Result<Option<String>> {
     let path = payload_path(name);
-    let mut r = match fs.open_read(&path) {
+    let r = match fs.open_read(&path) {
         Ok(r) => r,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => {
@@ -31,16 +31,8 @@ pub fn hash_payload(fs: &dyn SpoolFs, name: &str) -> Result<Option<String>> {
             .into())
         }
     };
-    let mut h = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = r.read(&mut buf).ctx(|| format!("reading {path}"))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(Some(h.finalize().to_hex().to_string()))
+    let d = stream::digest(r).ctx(|| format!("reading {path}"))?;
+    Ok(Some(d.blake3))
 }
 
 /// Fills in each payload's `blake3` from the spool, or checks the one given.

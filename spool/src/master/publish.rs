@@ -8,6 +8,8 @@
 
 use std::io::{Read, Write};
 
+use crate::stream::{HashReader, HashWriter, Limit};
+
 use crate::error::IoContext;
 use crate::lease::Lease;
 use crate::master::reaper::{release, ReapReport};
@@ -59,52 +61,38 @@ pub fn stage(
     fs.mkdir_all(&tmp).map_err(io(format!("creating {tmp}")))?;
     let result = (|| {
         let image_path = format!("{tmp}/{IMAGE_FILE}");
-        let mut out = fs
+        let out = fs
             .create_write(&image_path)
             .map_err(io(format!("creating {image_path}")))?;
-        let mut whole = blake3::Hasher::new();
-        let mut buf = vec![0u8; 1 << 20];
+        // One pass over the chunks: each is hashed on its own and, through
+        // the outer hasher, as part of the whole image.
+        let mut whole = HashWriter::new(out);
         for (i, c) in chunks.chunks.iter().enumerate() {
             let path = format!("{dir}/{}", chunk_name(i));
-            let mut r = fs.open_read(&path).map_err(|e| format!("chunk {i}: {e}"))?;
-            let mut h = blake3::Hasher::new();
-            let mut size = 0u64;
-            loop {
-                // Never more than the chunk list allows: a chunk that keeps
-                // growing is cut off and refused below.
-                let room = c.size.saturating_add(1).saturating_sub(size);
-                let want = buf.len().min(usize::try_from(room).unwrap_or(usize::MAX));
-                let n = r
-                    .read(&mut buf[..want])
-                    .map_err(io(format!("reading {path}")))?;
-                if n == 0 {
-                    break;
-                }
-                h.update(&buf[..n]);
-                whole.update(&buf[..n]);
-                size += n as u64;
-                out.write_all(&buf[..n])
-                    .map_err(io(format!("writing {image_path}")))?;
-            }
-            if size != c.size {
+            let r = fs.open_read(&path).map_err(|e| format!("chunk {i}: {e}"))?;
+            // Never more than the chunk list says: a chunk that keeps
+            // growing is refused, not copied.
+            let mut chunk = HashReader::new(Limit::new(r, c.size, format!("chunk {i}")));
+            std::io::copy(&mut chunk, &mut whole).map_err(io(format!("copying {path}")))?;
+            let got = chunk.digest();
+            if got.size != c.size {
                 return Err(format!(
-                    "chunk {i} holds {}{size} bytes, {CHUNKS} says {}",
-                    if size > c.size { "more than " } else { "" },
-                    c.size
+                    "chunk {i} holds {} bytes, {CHUNKS} says {}",
+                    got.size, c.size
                 ));
             }
-            let got = h.finalize().to_hex();
-            if got.as_str() != c.blake3 {
+            if got.blake3 != c.blake3 {
                 return Err(format!(
-                    "chunk {i} has BLAKE3 {got}, {CHUNKS} says {}",
+                    "chunk {i} has BLAKE3 {}, {CHUNKS} says {}",
+                    got.blake3,
                     c.blake3.escape_debug()
                 ));
             }
         }
-        out.flush().map_err(io(format!("writing {image_path}")))?;
-        drop(out);
-        let got = whole.finalize().to_hex();
-        if got.as_str() != manifest.image_blake3 {
+        whole.flush().map_err(io(format!("writing {image_path}")))?;
+        let got = whole.digest().blake3;
+        drop(whole);
+        if got != manifest.image_blake3 {
             return Err(format!(
                 "the image has BLAKE3 {got}, {MANIFEST} says {}",
                 manifest.image_blake3.escape_debug()
