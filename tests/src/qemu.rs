@@ -61,8 +61,9 @@ impl DiskFormat {
     }
 }
 
-/// Skips a test loudly when QEMU or qemu-img is missing. Returns true to skip.
-pub fn skip_without_qemu() -> bool {
+/// Fails the test, naming what to install, when QEMU or qemu-img is
+/// missing: a test that cannot run its tools fails rather than passes.
+pub fn require_qemu() {
     for tool in [QEMU, QEMU_IMG] {
         let found = Command::new(tool)
             .arg("--version")
@@ -70,11 +71,17 @@ pub fn skip_without_qemu() -> bool {
             .stderr(Stdio::null())
             .status()
             .is_ok_and(|s| s.success());
-        if !found {
-            eprintln!("SKIP: {tool} is missing (scripts/install-deps.sh installs qemu-system-x86 and qemu-utils)");
-            return true;
-        }
+        assert!(
+            found,
+            "{tool} is missing: scripts/install-deps.sh installs qemu-system-x86 and qemu-utils"
+        );
     }
+}
+
+/// For callers written as `if skip_without_qemu() { return; }`: fails the
+/// test when QEMU is missing ([`require_qemu`]), never skips it.
+pub fn skip_without_qemu() -> bool {
+    require_qemu();
     false
 }
 

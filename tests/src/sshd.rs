@@ -5,7 +5,6 @@
 use std::fs;
 use std::io::Read;
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -24,35 +23,47 @@ pub struct SshdOptions {
     /// (`restrict,command="internal-sftp"`); empty for none.
     pub key_options: String,
     /// Appended to sshd_config, after everything else (Match blocks go here).
-    /// `{user}` is replaced by the test user, `{chroot}` by [`TestSshd::chroot`].
+    /// `{user}` is replaced by the test user.
     pub extra_config: String,
-    /// Make a chroot directory (root-owned, mode 0755, outside /tmp so that
-    /// every component passes sshd's ownership checks) with `spool/` inside.
-    pub chroot: bool,
+    /// Drop-ins included at the top of sshd_config, as Debian's includes
+    /// `/etc/ssh/sshd_config.d/*.conf`.
+    pub include: Vec<PathBuf>,
+    /// Accounts allowed in besides the current user.
+    pub users: Vec<String>,
+    /// sshd's own default: key files and the directories above them must be
+    /// root's (or the account's) and writable by nobody else. Off by default
+    /// because the client key lives in a temporary directory.
+    pub strict_modes: bool,
 }
 
 /// A running sshd; killed, with all its connections, on drop.
 pub struct TestSshd {
     dir: tempfile::TempDir,
-    chroot: Option<tempfile::TempDir>,
     port: u16,
     child: Option<Child>,
     user: String,
     host_key_line: String,
 }
 
-/// Skips a test loudly when sshd or ssh-keygen is missing. Returns true to skip.
-pub fn skip_without_sshd() -> bool {
+/// Fails the test, naming what to install, when sshd or ssh-keygen is
+/// missing: a test that cannot run its tools fails rather than passes.
+pub fn require_sshd() {
     let have_keygen = Command::new(SSH_KEYGEN)
         .arg("-?")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .is_ok();
-    if !Path::new(SSHD).exists() || !have_keygen {
-        eprintln!("SKIP: {SSHD} or {SSH_KEYGEN} is missing (install openssh-server)");
-        return true;
-    }
+    assert!(
+        Path::new(SSHD).exists() && have_keygen,
+        "{SSHD} or {SSH_KEYGEN} is missing: scripts/install-deps.sh installs openssh-server"
+    );
+}
+
+/// For callers written as `if skip_without_sshd() { return; }`: fails the
+/// test when sshd is missing ([`require_sshd`]), never skips it.
+pub fn skip_without_sshd() -> bool {
+    require_sshd();
     false
 }
 
@@ -87,6 +98,14 @@ fn free_port() -> Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
+/// The config lines that differ between test sshds.
+struct Settings {
+    extra: String,
+    include: Vec<PathBuf>,
+    users: Vec<String>,
+    strict_modes: bool,
+}
+
 impl TestSshd {
     /// An sshd that accepts the client key for the current user, unrestricted.
     pub fn start() -> Result<Self> {
@@ -101,20 +120,6 @@ impl TestSshd {
         let d = dir.path();
         keygen(&d.join("host_key"), "kiln-test-host")?;
         keygen(&d.join("client_key"), "kiln-test-client")?;
-        let chroot = if opts.chroot {
-            let base = Path::new("/run/kiln-e2e");
-            fs::create_dir_all(base).with_context(|| format!("creating {}", base.display()))?;
-            fs::set_permissions(base, fs::Permissions::from_mode(0o755))?;
-            let c = tempfile::Builder::new()
-                .prefix("chroot.")
-                .tempdir_in(base)
-                .with_context(|| format!("creating a chroot in {}", base.display()))?;
-            fs::set_permissions(c.path(), fs::Permissions::from_mode(0o755))?;
-            fs::create_dir(c.path().join("spool"))?;
-            Some(c)
-        } else {
-            None
-        };
         let user = current_user()?;
         let client_pub = fs::read_to_string(d.join("client_key.pub"))?;
         let line = if opts.key_options.is_empty() {
@@ -129,16 +134,16 @@ impl TestSshd {
         // sshd's privilege separation directory.
         fs::create_dir_all("/run/sshd").context("creating /run/sshd")?;
 
-        let extra = opts.extra_config.replace("{user}", &user).replace(
-            "{chroot}",
-            &chroot
-                .as_ref()
-                .map(|c| c.path().display().to_string())
-                .unwrap_or_default(),
-        );
+        let settings = Settings {
+            extra: opts.extra_config.replace("{user}", &user),
+            include: opts.include.clone(),
+            users: std::iter::once(user.clone())
+                .chain(opts.users.iter().cloned())
+                .collect(),
+            strict_modes: opts.strict_modes,
+        };
         let mut sshd = TestSshd {
             dir,
-            chroot,
             port: 0,
             child: None,
             user,
@@ -149,7 +154,7 @@ impl TestSshd {
         let mut last = None;
         for _ in 0..5 {
             sshd.port = free_port()?;
-            sshd.write_config(&extra)?;
+            sshd.write_config(&settings)?;
             match sshd.spawn() {
                 Ok(()) => return Ok(sshd),
                 Err(e) => last = Some(e),
@@ -158,16 +163,22 @@ impl TestSshd {
         Err(last.expect("at least one attempt"))
     }
 
-    fn write_config(&self, extra: &str) -> Result<()> {
+    fn write_config(&self, settings: &Settings) -> Result<()> {
         let d = self.dir.path().display();
+        let include: String = settings
+            .include
+            .iter()
+            .map(|p| format!("Include {}\n", p.display()))
+            .collect();
         let config = format!(
-            "# kiln test sshd\n\
+            "{include}\
+             # kiln test sshd\n\
              ListenAddress 127.0.0.1:{port}\n\
              HostKey {d}/host_key\n\
              PidFile {d}/sshd.pid\n\
              AuthorizedKeysFile {d}/authorized_keys\n\
-             AllowUsers {user}\n\
-             StrictModes no\n\
+             AllowUsers {users}\n\
+             StrictModes {strict}\n\
              UsePAM no\n\
              PermitRootLogin prohibit-password\n\
              PubkeyAuthentication yes\n\
@@ -179,13 +190,16 @@ impl TestSshd {
              Subsystem sftp internal-sftp\n\
              {extra}\n",
             port = self.port,
-            user = self.user,
+            users = settings.users.join(" "),
+            strict = if settings.strict_modes { "yes" } else { "no" },
+            extra = settings.extra,
         );
         let path = self.config_path();
         fs::write(&path, config).with_context(|| format!("writing {}", path.display()))
     }
 
-    fn config_path(&self) -> PathBuf {
+    /// sshd's config file.
+    pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("sshd_config")
     }
 
@@ -317,11 +331,6 @@ impl TestSshd {
     /// The temporary directory holding keys, config and log.
     pub fn dir(&self) -> &Path {
         self.dir.path()
-    }
-
-    /// The chroot directory, when the options asked for one.
-    pub fn chroot(&self) -> Option<&Path> {
-        self.chroot.as_ref().map(|c| c.path())
     }
 
     /// The last lines of sshd's log, for failure messages.

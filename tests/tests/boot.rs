@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use kiln_e2e::kernel::kernel;
 use kiln_e2e::pxe::{pxe_dir, BOOT_SCRIPT};
-use kiln_e2e::qemu::{create_disk, skip_without_qemu, DiskFormat, Qemu};
+use kiln_e2e::qemu::{create_disk, require_qemu, DiskFormat, Qemu};
 use kiln_initramfs::{Config, Spec};
 
 /// Generous for TCG on a loaded 2-core machine; a boot takes seconds.
@@ -120,9 +120,7 @@ fn check_console(serial: &str) {
 
 #[test]
 fn direct_kernel_boot_loads_modules_and_sees_the_disks() {
-    if skip_without_qemu() {
-        return;
-    }
+    require_qemu();
     let tmp = tempfile::tempdir().unwrap();
     let image = initramfs(tmp.path());
     let (a, b) = disks(tmp.path());
@@ -145,9 +143,7 @@ fn direct_kernel_boot_loads_modules_and_sees_the_disks() {
 
 #[test]
 fn pxe_boot_through_ipxe_and_tftp() {
-    if skip_without_qemu() {
-        return;
-    }
+    require_qemu();
     let tmp = tempfile::tempdir().unwrap();
     let image = initramfs(tmp.path());
     let (a, b) = disks(tmp.path());
@@ -175,9 +171,7 @@ fn pxe_boot_through_ipxe_and_tftp() {
 
 #[test]
 fn a_dropped_vm_leaves_no_qemu_behind() {
-    if skip_without_qemu() {
-        return;
-    }
+    require_qemu();
     // No disk and no kernel: the firmware finds nothing to boot and waits.
     let vm = Qemu::new("idle").memory_mib(128).spawn().unwrap();
     let pid = vm.pid();

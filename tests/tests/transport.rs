@@ -1,58 +1,47 @@
-//! The agent's transport against OpenSSH's sshd on 127.0.0.1: the spool over
-//! SFTP, pinned host keys, claims racing across sessions, the restricted key,
-//! and resumable, verified uploads that the master publishes.
+//! The agent's transport against OpenSSH's sshd on 127.0.0.1, set up as an
+//! operator sets up a job server (`kiln-master init --agent-user` and
+//! `agent-key`): the spool over SFTP as the agents' account, pinned host
+//! keys, claims racing across sessions, the confined key, and resumable,
+//! verified uploads that the master publishes.
 
 use std::io::{self, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
-use kiln_e2e::sshd::{skip_without_sshd, SshdOptions, TestSshd};
+use kiln_e2e::fake_image::{file_blake3, random_image};
+use kiln_e2e::job_server::{JobServer, AGENT_USER};
 use kiln_spool::agent::claim::{check_lease, claim_next, LeaseCheck};
-use kiln_spool::queue::read_job_list;
-use kiln_spool::manifest::ImageManifest;
+use kiln_spool::agent::uploader::{upload, UploadOptions};
 use kiln_spool::master;
 use kiln_spool::master::reap;
-use kiln_spool::queue::EntryState;
-use kiln_spool::sftp::{HostKey, ServerConfig, SessionOptions, SftpSpool};
-use kiln_spool::spool::{history_path, image_dir, incoming_dir, DIRS, LEASES, TMP_PREFIX};
+use kiln_spool::queue::{read_job_list, Entry, EntryState};
+use kiln_spool::sftp::{HostKey, SessionOptions, SftpSpool};
+use kiln_spool::spool::{history_path, image_dir, incoming_dir, LEASES, TMP_PREFIX};
 use kiln_spool::time::Timestamp;
 use kiln_spool::upload::{chunk_name, IMAGE_FILE, JOB_LOG, MANIFEST};
-use kiln_spool::agent::uploader::{upload, UploadOptions};
 use kiln_spool::{LocalSpool, SpoolFs};
 
-fn server(sshd: &TestSshd, spool: &Path) -> ServerConfig {
-    ServerConfig {
-        address: sshd.address(),
-        user: sshd.user().to_string(),
-        key: sshd.client_key(),
-        host_key: sshd.host_key_line().to_string(),
-        spool: spool.display().to_string(),
-    }
+fn start() -> (JobServer, LocalSpool) {
+    let server = JobServer::start().unwrap_or_else(|e| panic!("starting the job server: {e:#}"));
+    let local = LocalSpool::new(server.spool());
+    (server, local)
 }
 
-fn connect(sshd: &TestSshd, spool: &Path) -> SftpSpool {
-    SftpSpool::connect(&server(sshd, spool), &SessionOptions::default())
-        .unwrap_or_else(|e| panic!("connecting: {e:#}\n{}", sshd.log_tail()))
+/// A session as the agents' account, with agent-key's key.
+fn connect(server: &JobServer) -> SftpSpool {
+    connect_with(server, &SessionOptions::default())
 }
 
-fn new_spool() -> (tempfile::TempDir, LocalSpool) {
-    let dir = tempfile::tempdir().unwrap();
-    let local = LocalSpool::new(dir.path());
-    for d in DIRS {
-        local.mkdir_all(d).unwrap();
-    }
-    (dir, local)
+fn connect_with(server: &JobServer, opts: &SessionOptions) -> SftpSpool {
+    SftpSpool::connect(&server.agent_server(), opts)
+        .unwrap_or_else(|e| panic!("connecting: {e:#}\n{}", server.sshd().log_tail()))
 }
 
 #[test]
 fn sftp_spool_semantics() {
-    if skip_without_sshd() {
-        return;
-    }
-    let sshd = TestSshd::start().unwrap();
-    let (dir, local) = new_spool();
-    let fs = connect(&sshd, dir.path());
+    let (server, local) = start();
+    let fs = connect(&server);
     assert_eq!(
         fs.session().cipher().as_deref(),
         Some("aes128-gcm@openssh.com")
@@ -63,8 +52,8 @@ fn sftp_spool_semantics() {
     assert_eq!(fs.read_opt("nope").unwrap(), None);
     assert_eq!(fs.size("nope").unwrap(), None);
     assert_eq!(fs.list("no/such/dir").unwrap(), Vec::<String>::new());
-    fs.remove("nope").unwrap();
-    fs.remove_dir_all("no/such/dir").unwrap();
+    fs.remove("incoming/nope").unwrap();
+    fs.remove_dir_all("incoming/no/such/dir").unwrap();
 
     // write_atomic creates and replaces.
     fs.write_atomic("status/a.toml", b"one").unwrap();
@@ -82,75 +71,90 @@ fn sftp_spool_semantics() {
     assert_eq!(fs.read("leases/j1").unwrap(), b"mine");
 
     // rename_noclobber refuses an existing target, with AlreadyExists.
-    fs.write_atomic("x/a", b"a").unwrap_err();
-    fs.mkdir_all("x/y/z").unwrap();
-    fs.mkdir_all("x/y/z").unwrap();
-    fs.write_atomic("x/a", b"a").unwrap();
-    fs.write_atomic("x/b", b"b").unwrap();
-    let e = fs.rename_noclobber("x/a", "x/b").unwrap_err();
+    fs.write_atomic("incoming/x/a", b"a").unwrap_err();
+    fs.mkdir_all("incoming/x/y/z").unwrap();
+    fs.mkdir_all("incoming/x/y/z").unwrap();
+    fs.write_atomic("incoming/x/a", b"a").unwrap();
+    fs.write_atomic("incoming/x/b", b"b").unwrap();
+    let e = fs
+        .rename_noclobber("incoming/x/a", "incoming/x/b")
+        .unwrap_err();
     assert_eq!(e.kind(), io::ErrorKind::AlreadyExists, "{e}");
-    assert_eq!(fs.read("x/b").unwrap(), b"b");
+    assert_eq!(fs.read("incoming/x/b").unwrap(), b"b");
     // SFTP v3 carries no rename flags: even asked to overwrite, OpenSSH's
     // plain rename refuses an existing target. Replacing needs posix-rename.
     let sftp = fs.session().session().sftp().unwrap();
     let remote = |p: &str| std::path::PathBuf::from(fs.remote_path(p));
-    assert!(sftp.rename(&remote("x/a"), &remote("x/b"), None).is_err());
-    assert_eq!(fs.read("x/b").unwrap(), b"b");
-    fs.rename_noclobber("x/a", "x/c").unwrap();
-    assert_eq!(fs.read("x/c").unwrap(), b"a");
+    assert!(sftp
+        .rename(&remote("incoming/x/a"), &remote("incoming/x/b"), None)
+        .is_err());
+    assert_eq!(fs.read("incoming/x/b").unwrap(), b"b");
+    fs.rename_noclobber("incoming/x/a", "incoming/x/c").unwrap();
+    assert_eq!(fs.read("incoming/x/c").unwrap(), b"a");
     assert_eq!(
-        fs.rename_noclobber("x/a", "x/d").unwrap_err().kind(),
+        fs.rename_noclobber("incoming/x/a", "incoming/x/d")
+            .unwrap_err()
+            .kind(),
         io::ErrorKind::NotFound
     );
 
+    // What an agent makes is the agents' account's, readable by the master,
+    // writable by nobody else (internal-sftp's -u 0022).
+    use std::os::unix::fs::MetadataExt;
+    let agent_uid = nix::unistd::User::from_name(AGENT_USER)
+        .unwrap()
+        .unwrap()
+        .uid
+        .as_raw();
+    for (p, mode) in [("incoming/x/c", 0o644), ("incoming/x/y", 0o755)] {
+        let m = std::fs::metadata(local.path(p)).unwrap();
+        assert_eq!((m.uid(), m.mode() & 0o7777), (agent_uid, mode), "{p}");
+    }
+
     // Listings are sorted and skip temporary files.
-    std::fs::write(local.path("x/.tmp.hidden"), b"").unwrap();
-    assert_eq!(fs.list("x").unwrap(), ["b", "c", "y"]);
+    std::fs::write(local.path("incoming/x/.tmp.hidden"), b"").unwrap();
+    assert_eq!(fs.list("incoming/x").unwrap(), ["b", "c", "y"]);
 
     // Streams, bigger than one write buffer.
     let data: Vec<u8> = (0..10_000_000u32)
         .map(|i| (i * 7 + i / 251) as u8)
         .collect();
     {
-        let mut w = fs.create_write("x/big.tmp").unwrap();
+        let mut w = fs.create_write("incoming/x/big.tmp").unwrap();
         for piece in data.chunks(1_234_567) {
             w.write_all(piece).unwrap();
         }
         w.flush().unwrap();
     }
-    assert_eq!(std::fs::read(local.path("x/big.tmp")).unwrap(), data);
+    assert_eq!(
+        std::fs::read(local.path("incoming/x/big.tmp")).unwrap(),
+        data
+    );
     let mut back = Vec::new();
-    fs.open_read("x/big.tmp")
+    fs.open_read("incoming/x/big.tmp")
         .unwrap()
         .read_to_end(&mut back)
         .unwrap();
     assert!(back == data);
 
-    fs.remove_dir_all("x").unwrap();
-    assert!(!local.path("x").exists());
+    std::fs::remove_file(local.path("incoming/x/.tmp.hidden")).unwrap();
+    fs.remove_dir_all("incoming/x").unwrap();
+    assert!(!local.path("incoming/x").exists());
 }
 
 const T0: Timestamp = Timestamp(1_900_000_000);
 
-fn add_job(spool: &LocalSpool, id: &str, priority: u32) {
+fn add_job(spool: &LocalSpool, id: &str, priority: u32) -> Entry {
     let text = format!(
         "id = \"{id}\"\npriority = {priority}\ntime_limit = \"1h\"\nmax_attempts = 3\n\
          [disk]\n[[disk.partitions]]\nlabel = \"root\"\nsize = \"rest\"\nkind = \"linux\"\nfs = \"ext4\"\nmount = \"/\"\n"
     );
-    master::add_job(spool, &text, Path::new("job.toml"), T0).unwrap();
-}
-
-fn new_master_spool() -> (tempfile::TempDir, LocalSpool) {
-    let dir = tempfile::tempdir().unwrap();
-    let local = LocalSpool::new(dir.path());
-    master::init(&local).unwrap();
-    (dir, local)
+    master::add_job(spool, &text, Path::new("job.toml"), T0).unwrap()
 }
 
 /// Starts `n` threads, each with its own SSH session, released together.
 fn race<T: Send + 'static>(
-    sshd: &TestSshd,
-    spool: &Path,
+    server: &JobServer,
     n: usize,
     work: impl Fn(usize, &SftpSpool) -> T + Send + Sync + 'static,
 ) -> Vec<T> {
@@ -158,7 +162,7 @@ fn race<T: Send + 'static>(
     let work = Arc::new(work);
     let handles: Vec<_> = (0..n)
         .map(|i| {
-            let fs = connect(sshd, spool);
+            let fs = connect(server);
             let (barrier, work) = (barrier.clone(), work.clone());
             std::thread::spawn(move || {
                 barrier.wait();
@@ -171,15 +175,11 @@ fn race<T: Send + 'static>(
 
 #[test]
 fn exclusive_create_has_one_winner_across_sessions() {
-    if skip_without_sshd() {
-        return;
-    }
-    let sshd = TestSshd::start().unwrap();
-    let (dir, local) = new_spool();
+    let (server, local) = start();
     for round in 0..5 {
         let path = format!("leases/race-{round}");
         let p = path.clone();
-        let wins = race(&sshd, dir.path(), 8, move |i, fs| {
+        let wins = race(&server, 8, move |i, fs| {
             fs.create_exclusive(&p, format!("agent-{i}\n").as_bytes())
                 .unwrap()
         });
@@ -199,15 +199,11 @@ fn exclusive_create_has_one_winner_across_sessions() {
 
 #[test]
 fn claims_over_sftp_are_exclusive() {
-    if skip_without_sshd() {
-        return;
-    }
-    let sshd = TestSshd::start().unwrap();
-    let (dir, local) = new_master_spool();
+    let (server, local) = start();
     for i in 0..40 {
         add_job(&local, &format!("job-{i:02}"), (i % 5) as u32);
     }
-    let claims = race(&sshd, dir.path(), 8, |i, fs| {
+    let claims = race(&server, 8, |i, fs| {
         let agent = format!("agent-{i}");
         let mut got = Vec::new();
         while let Some(lease) = claim_next(fs, &agent, T0).unwrap() {
@@ -227,16 +223,12 @@ fn claims_over_sftp_are_exclusive() {
 
 #[test]
 fn a_host_key_other_than_the_pinned_one_is_refused() {
-    if skip_without_sshd() {
-        return;
-    }
-    let sshd = TestSshd::start().unwrap();
-    let (dir, local) = new_master_spool();
+    let (server, local) = start();
     add_job(&local, "job-a", 1);
     let other = tempfile::tempdir().unwrap();
     kiln_e2e::sshd::keygen(&other.path().join("k"), "impostor").unwrap();
     let pinned = std::fs::read_to_string(other.path().join("k.pub")).unwrap();
-    let mut cfg = server(&sshd, dir.path());
+    let mut cfg = server.agent_server();
     cfg.host_key = pinned.trim().to_string();
 
     let err = match SftpSpool::connect(&cfg, &SessionOptions::default()) {
@@ -245,6 +237,7 @@ fn a_host_key_other_than_the_pinned_one_is_refused() {
     };
     let msg = err.to_string();
     let pinned_fp = HostKey::parse(&pinned).unwrap().fingerprint();
+    let sshd = server.sshd();
     let server_fp = HostKey::parse(sshd.host_key_line()).unwrap().fingerprint();
     assert!(msg.contains(&pinned_fp), "{msg}");
     assert!(msg.contains(&server_fp), "{msg}");
@@ -264,53 +257,28 @@ fn a_host_key_other_than_the_pinned_one_is_refused() {
     );
 }
 
-/// A random image of `size` bytes and the manifest that describes it.
-fn random_image(dir: &Path, job: &str, size: usize) -> (PathBuf, ImageManifest) {
-    let mut data = vec![0u8; size];
-    getrandom::getrandom(&mut data).unwrap();
-    let path = dir.join(format!("{job}.raw.zst"));
-    std::fs::write(&path, &data).unwrap();
-    let manifest = ImageManifest {
-        format: "raw.zst".into(),
-        job: job.into(),
-        job_blake3: String::new(),
-        agent: "agent-1".into(),
-        disk_size: 8 << 30,
-        block_size: 4096,
-        bytes_read: size as u64,
-        image_size: size as u64,
-        image_blake3: blake3::hash(&data).to_hex().to_string(),
-        payloads: vec![],
-        started: T0,
-        finished: T0,
-        phases: vec![],
-        ranges: vec![],
-    };
-    (path, manifest)
-}
-
 const MIB: u64 = 1 << 20;
 
 fn published_blake3(local: &LocalSpool, job: &str) -> String {
-    let path = local.path(&format!("{}/{IMAGE_FILE}", image_dir(job)));
-    let data = std::fs::read(&path).unwrap();
-    blake3::hash(&data).to_hex().to_string()
+    file_blake3(&local.path(&format!("{}/{IMAGE_FILE}", image_dir(job)))).unwrap()
 }
 
 #[test]
 fn upload_then_publish() {
-    if skip_without_sshd() {
-        return;
-    }
-    let sshd = TestSshd::start().unwrap();
-    let (dir, local) = new_master_spool();
-    add_job(&local, "job-a", 1);
+    let (server, local) = start();
+    let entry = add_job(&local, "job-a", 1);
     let work = tempfile::tempdir().unwrap();
-    let (image, manifest) = random_image(work.path(), "job-a", 20 * MIB as usize + 4321);
+    let (image, manifest) = random_image(
+        work.path(),
+        "job-a",
+        &entry.blake3,
+        20 * MIB as usize + 4321,
+    )
+    .unwrap();
     let log = work.path().join("job.log");
     std::fs::write(&log, "capture done\n").unwrap();
 
-    let fs = connect(&sshd, dir.path());
+    let fs = connect(&server);
     let lease = claim_next(&fs, "agent-1", T0).unwrap().unwrap();
     let opts = UploadOptions { chunk_size: MIB };
     let r = upload(
@@ -335,30 +303,30 @@ fn upload_then_publish() {
     );
     assert!(local.exists(&history_path("job-a")).unwrap());
     assert!(read_job_list(&local).unwrap().get("job-a").is_none());
+    // Agents cannot see what was published.
+    assert!(fs.list("images").is_err());
+    assert!(fs.read(&format!("images/job-a/{IMAGE_FILE}")).is_err());
 }
 
 #[test]
 fn a_cut_upload_resumes_without_resending_whole_chunks() {
-    if skip_without_sshd() {
-        return;
-    }
-    let mut sshd = TestSshd::start().unwrap();
-    let (dir, local) = new_master_spool();
-    add_job(&local, "job-a", 1);
+    let (mut server, local) = start();
+    let entry = add_job(&local, "job-a", 1);
     let work = tempfile::tempdir().unwrap();
-    let (image, manifest) = random_image(work.path(), "job-a", 20 * MIB as usize + 777);
+    let (image, manifest) =
+        random_image(work.path(), "job-a", &entry.blake3, 20 * MIB as usize + 777).unwrap();
     let opts = UploadOptions { chunk_size: MIB };
     let lease = {
-        let fs = connect(&sshd, dir.path());
+        let fs = connect(&server);
         claim_next(&fs, "agent-1", T0).unwrap().unwrap()
     };
 
     // Kill sshd, with its sessions, in the middle of chunk 9.
-    let fs = connect(&sshd, dir.path());
-    let sshd_ref = std::cell::RefCell::new(&mut sshd);
+    let fs = connect(&server);
+    let server_ref = std::cell::RefCell::new(&mut server);
     let err = upload(&fs, &lease, &image, &manifest, None, &opts, &mut |p| {
-        if p.bytes_done > 9 * MIB + MIB / 2 && sshd_ref.borrow().is_running() {
-            sshd_ref.borrow_mut().kill();
+        if p.bytes_done > 9 * MIB + MIB / 2 && server_ref.borrow().sshd().is_running() {
+            server_ref.borrow_mut().sshd_mut().kill();
         }
     })
     .unwrap_err();
@@ -370,8 +338,8 @@ fn a_cut_upload_resumes_without_resending_whole_chunks() {
     assert_eq!(whole, (0..9).map(chunk_name).collect::<Vec<_>>());
     assert!(!incoming.join(MANIFEST).exists());
 
-    sshd.restart().unwrap();
-    let fs = connect(&sshd, dir.path());
+    server.sshd_mut().restart().unwrap();
+    let fs = connect(&server);
     let r = upload(&fs, &lease, &image, &manifest, None, &opts, &mut |_| {}).unwrap();
     assert_eq!(
         r.skipped,
@@ -387,15 +355,12 @@ fn a_cut_upload_resumes_without_resending_whole_chunks() {
 
 #[test]
 fn a_flipped_bit_is_refused_and_the_job_requeued() {
-    if skip_without_sshd() {
-        return;
-    }
-    let sshd = TestSshd::start().unwrap();
-    let (dir, local) = new_master_spool();
-    add_job(&local, "job-a", 1);
+    let (server, local) = start();
+    let entry = add_job(&local, "job-a", 1);
     let work = tempfile::tempdir().unwrap();
-    let (image, manifest) = random_image(work.path(), "job-a", 3 * MIB as usize);
-    let fs = connect(&sshd, dir.path());
+    let (image, manifest) =
+        random_image(work.path(), "job-a", &entry.blake3, 3 * MIB as usize).unwrap();
+    let fs = connect(&server);
     let lease = claim_next(&fs, "agent-1", T0).unwrap().unwrap();
     let opts = UploadOptions { chunk_size: MIB };
     let r = upload(&fs, &lease, &image, &manifest, None, &opts, &mut |_| {}).unwrap();
@@ -425,23 +390,26 @@ fn a_flipped_bit_is_refused_and_the_job_requeued() {
 
 #[test]
 fn a_stale_tokens_upload_is_refused() {
-    if skip_without_sshd() {
-        return;
-    }
-    let sshd = TestSshd::start().unwrap();
-    let (dir, local) = new_master_spool();
-    add_job(&local, "job-a", 1);
+    let (server, local) = start();
+    let entry = add_job(&local, "job-a", 1);
     let work = tempfile::tempdir().unwrap();
-    let (image, manifest) = random_image(work.path(), "job-a", 2 * MIB as usize + 5);
+    let (image, manifest) =
+        random_image(work.path(), "job-a", &entry.blake3, 2 * MIB as usize + 5).unwrap();
     let opts = UploadOptions { chunk_size: MIB };
-    let fs = connect(&sshd, dir.path());
+    let fs = connect(&server);
     let old = claim_next(&fs, "agent-1", T0).unwrap().unwrap();
+    // The master sees the lease: its deadline runs from here, by the
+    // master's clock.
+    reap(&local, T0).unwrap();
     upload(&fs, &old, &image, &manifest, None, &opts, &mut |_| {}).unwrap();
     let old_dir = local.path(&incoming_dir("job-a", &old.token));
     let saved = work.path().join("saved");
     copy_dir(&old_dir, &saved);
+    // The upload was not finished when the lease ran out: no manifest yet.
+    // (A complete one would be published first: uploads go before reaping.)
+    std::fs::remove_file(old_dir.join(MANIFEST)).unwrap();
 
-    // The lease runs out before the master looks: it is reaped, not published.
+    // The lease runs out before the upload is complete: it is reaped.
     let late = T0.plus(Duration::from_secs(3601));
     let report = reap(&local, late).unwrap();
     assert!(report.published.is_empty(), "{report:?}");
@@ -461,7 +429,7 @@ fn a_stale_tokens_upload_is_refused() {
     assert!(report.published.is_empty(), "{report:?}");
     assert_eq!(report.refused.len(), 1, "{report:?}");
     assert_eq!(report.refused[0].1, old.token);
-    assert!(!old_dir.exists());
+    assert!(!old_dir.exists(), "{report:?}");
     assert_eq!(check_lease(&local, &new).unwrap(), LeaseCheck::Held);
     assert!(!local.exists(&image_dir("job-a")).unwrap());
 }
@@ -474,36 +442,30 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-/// The real text that `kiln-master agent-key` prints.
-use kiln_master::agent_key;
-
 #[test]
-fn the_restricted_key_does_sftp_in_the_spool_and_nothing_else() {
-    if skip_without_sshd() {
-        return;
-    }
-    let sshd = TestSshd::start_with(SshdOptions {
-        key_options: agent_key::KEY_OPTIONS.to_string(),
-        extra_config: agent_key::sshd_match_block(
-            "{user}",
-            Path::new("{chroot}"),
-            agent_key::SPOOL_IN_CHROOT,
-        ),
-        chroot: true,
-    })
-    .unwrap();
-    let chroot = sshd.chroot().unwrap().to_path_buf();
-    let local = LocalSpool::new(chroot.join("spool"));
-    master::init(&local).unwrap();
+fn the_agent_key_does_sftp_in_the_spool_and_nothing_else() {
+    let (server, local) = start();
     add_job(&local, "job-a", 1);
+    // agent-key's own account of what it set up.
+    let printed = server.agent_key_output();
+    assert!(printed.contains("sshd -t accepts"), "{printed}");
+    assert!(printed.contains("spool = \"/spool\""), "{printed}");
+    assert!(
+        printed.contains(&format!("user = \"{AGENT_USER}\"")),
+        "{printed}"
+    );
 
     // The spool works: a claim lands in the chroot's spool.
-    let mut cfg = server(&sshd, Path::new("/"));
-    cfg.spool = agent_key::SPOOL_IN_CHROOT.to_string();
-    let fs = SftpSpool::connect(&cfg, &SessionOptions::default())
-        .unwrap_or_else(|e| panic!("{e:#}\n{}", sshd.log_tail()));
+    let fs = connect(&server);
     let lease = claim_next(&fs, "agent-1", T0).unwrap().unwrap();
     assert_eq!(check_lease(&local, &lease).unwrap(), LeaseCheck::Held);
+    assert!(
+        server.sshd().log_tail().contains(&format!(
+            "Accepted publickey for {AGENT_USER} from 127.0.0.1"
+        )),
+        "{}",
+        server.sshd().log_tail()
+    );
 
     // An exec request runs nothing: the forced SFTP server answers instead.
     let session = fs.session().session();
@@ -522,20 +484,17 @@ fn the_restricted_key_does_sftp_in_the_spool_and_nothing_else() {
     // No forwarding either.
     assert!(
         session
-            .channel_direct_tcpip("127.0.0.1", sshd.port(), None)
+            .channel_direct_tcpip("127.0.0.1", server.sshd().port(), None)
             .is_err(),
         "a TCP forward was opened"
     );
 
-    // Paths outside the spool's chroot are out of reach.
-    let secret = sshd.dir().join("outside-secret");
+    // Paths outside the chroot are out of reach.
+    let secret = server.sshd().dir().join("outside-secret");
     std::fs::write(&secret, "secret").unwrap();
     let escape = format!("../../../../..{}", secret.display());
     for path in [escape.as_str(), "../../../../../etc/passwd"] {
-        assert!(
-            fs.read(path).is_err(),
-            "read {path} through the restricted key"
-        );
+        assert!(fs.read(path).is_err(), "read {path} through the agent key");
     }
     let outside = std::env::temp_dir().join(format!("kiln-escape-{}", std::process::id()));
     let target = format!("../../../../..{}", outside.display());
@@ -545,24 +504,25 @@ fn the_restricted_key_does_sftp_in_the_spool_and_nothing_else() {
         "wrote {} outside the chroot",
         outside.display()
     );
+    // The master's files are read only, its own directories unseen.
+    assert!(fs.read("jobs.toml").is_ok());
+    assert!(fs.write_atomic("jobs.toml", b"").is_err());
+    assert!(fs.remove("jobs/job-a.toml").is_err());
+    assert!(fs.list("master").is_err());
 }
 
 #[test]
 fn a_silent_link_is_an_error_not_a_hang() {
-    if skip_without_sshd() {
-        return;
-    }
-    let sshd = TestSshd::start().unwrap();
-    let (dir, _local) = new_spool();
+    let (server, _local) = start();
     let opts = SessionOptions {
         io_timeout: Duration::from_secs(2),
         ..SessionOptions::default()
     };
-    let fs = SftpSpool::connect(&server(&sshd, dir.path()), &opts).unwrap();
+    let fs = connect_with(&server, &opts);
     fs.write_atomic("status/a.toml", b"one").unwrap();
-    sshd.freeze(true);
+    server.sshd().freeze(true);
     // The session's timeout fires: the read fails as timed out, it does not hang.
     let e = fs.read("status/a.toml").unwrap_err();
-    sshd.freeze(false);
+    server.sshd().freeze(false);
     assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
 }
