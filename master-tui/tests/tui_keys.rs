@@ -9,8 +9,9 @@ use std::process::Command;
 
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use kiln_master::tui::{settle, update, App, Mode, Msg, Pane};
-use kiln_spool::queue::read_job_list;
 use kiln_spool::lease::read_lease;
+use kiln_spool::master::job_view;
+use kiln_spool::queue::read_job_list;
 use kiln_spool::queue::{EntryState, JobList};
 use kiln_spool::spool::{lease_path, JOB_LIST};
 use kiln_spool::{LocalSpool, SpoolFs};
@@ -67,8 +68,20 @@ fn cli(spool: &Path, args: &[&str]) {
     );
 }
 
-/// The job list without the free-text messages, which carry the time.
-fn without_messages(mut l: JobList) -> JobList {
+/// The job list without the lease tokens, random in each claim.
+fn without_tokens(mut l: JobList) -> JobList {
+    for e in &mut l.jobs {
+        if let Some(lease) = &mut e.lease {
+            lease.token.clear();
+        }
+    }
+    l
+}
+
+/// The job list without lease tokens and the free-text messages, which
+/// carry the time.
+fn without_messages(l: JobList) -> JobList {
+    let mut l = without_tokens(l);
     for e in &mut l.jobs {
         e.message.clear();
     }
@@ -95,13 +108,19 @@ fn plus_and_minus_change_the_priority_as_the_cli_does() {
     let twin = tempfile::tempdir().unwrap();
     tui_fixture::build(twin.path());
     cli(twin.path(), &["priority", "web-01", "510"]);
-    assert_eq!(list(dir.path()), list(twin.path()));
+    assert_eq!(
+        without_tokens(list(dir.path())),
+        without_tokens(list(twin.path()))
+    );
 
     key(&mut app, KeyCode::Char('-'));
     key(&mut app, KeyCode::Char('-'));
     assert_eq!(entry(dir.path(), "web-01").priority, 490);
     cli(twin.path(), &["priority", "web-01", "490"]);
-    assert_eq!(list(dir.path()), list(twin.path()));
+    assert_eq!(
+        without_tokens(list(dir.path())),
+        without_tokens(list(twin.path()))
+    );
 }
 
 #[test]
@@ -201,12 +220,21 @@ fn reclaim_asks_then_ends_the_lease_and_counts_the_attempt() {
 fn extend_pushes_the_deadline_back() {
     let (dir, mut app) = fixture();
     let spool = LocalSpool::new(dir.path());
-    let before = read_lease(&spool, "upload-05").unwrap().unwrap();
+    // The deadline is the master's, kept in jobs.toml; the lease file is the agent's.
+    let deadline = || {
+        job_view(&spool, "upload-05", tui_fixture::NOW)
+            .unwrap()
+            .deadline
+            .expect("a deadline")
+    };
+    let before = deadline();
+    let token = read_lease(&spool, "upload-05").unwrap().unwrap().token;
     on(&mut app, "upload-05");
     key(&mut app, KeyCode::Char('e'));
+    assert_eq!(deadline().0, before.0 + 600);
+    assert_eq!(app.selected().unwrap().deadline, Some(deadline()), "shown");
     let after = read_lease(&spool, "upload-05").unwrap().unwrap();
-    assert_eq!(after.deadline.0, before.deadline.0 + 600);
-    assert_eq!(after.token, before.token, "the holder keeps its lease");
+    assert_eq!(after.token, token, "the holder keeps its lease");
     // A queued job has no lease to extend.
     on(&mut app, "web-01");
     key(&mut app, KeyCode::Char('e'));

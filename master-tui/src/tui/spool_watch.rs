@@ -334,10 +334,12 @@ mod tests {
         let spool = LocalSpool::new(dir.path());
         init(&spool).unwrap();
         add_job(&spool, JOB, Path::new("seen.toml"), Timestamp(1)).unwrap();
-        // Claimed long ago with a 1 s limit: expired by now.
+        // Claimed long ago with a 1 s limit, and seen by a pass then:
+        // expired by now.
         claim_next(&spool, "agent-x", Timestamp(100))
             .unwrap()
             .unwrap();
+        kiln_spool::master::reap(&spool, Timestamp(100)).unwrap();
         let (tx, rx) = mpsc::channel();
         let reaper = Reaper::spawn(
             spool.clone(),

@@ -101,7 +101,7 @@ pub fn apply(spool: &LocalSpool, change: &Change, now: Timestamp) -> Msg {
             })
         }),
         Change::Extend(id) => changed(&|s| {
-            let lease = master::extend(s, id, EXTEND_BY)?;
+            let lease = master::extend(s, id, EXTEND_BY, now)?;
             Ok(format!(
                 "extended the lease on {id} by {} to {}",
                 format_secs(EXTEND_BY.as_secs() as i64),

@@ -9,8 +9,9 @@ use kiln_master::tui::{settle, App, Effect};
 use kiln_spool::agent::claim::{claim_next, heartbeat};
 use kiln_spool::lease::Lease;
 use kiln_spool::manifest::{DataRange, ImageManifest};
-use kiln_spool::master::{add_job, cancel, init};
 use kiln_spool::master::reap;
+use kiln_spool::master::{add_job, cancel, init};
+use kiln_spool::queue::read_job_list;
 use kiln_spool::spool::{incoming_dir, job_path, log_path, payload_path};
 use kiln_spool::status::{AgentState, Status};
 use kiln_spool::time::Timestamp;
@@ -74,6 +75,12 @@ fn claim(spool: &LocalSpool, agent: &str, t: u64) -> Lease {
         .expect("a job to claim")
 }
 
+/// A pass of the master's at `t`: a lease's time counts from the pass that
+/// first sees it.
+fn seen(spool: &LocalSpool, t: u64) {
+    reap(spool, at(t)).expect("a reap pass");
+}
+
 #[allow(clippy::too_many_arguments)]
 fn beat(
     spool: &LocalSpool,
@@ -134,7 +141,12 @@ fn upload(spool: &LocalSpool, lease: &Lease) {
     let manifest = ImageManifest {
         format: "raw.zst".into(),
         job: lease.job.clone(),
-        job_blake3: String::new(),
+        job_blake3: read_job_list(spool)
+            .unwrap()
+            .get(&lease.job)
+            .expect("the job is listed")
+            .blake3
+            .clone(),
         agent: lease.agent.clone(),
         disk_size: 8 << 30,
         block_size: 4096,
@@ -185,6 +197,7 @@ pub fn build(root: &Path) -> LocalSpool {
 
     add(&spool, "build-04", 600, "20m", 3, 0);
     let a = claim(&spool, "agent-a", 60);
+    seen(&spool, 60);
     beat(
         &spool,
         &a,
@@ -204,6 +217,7 @@ pub fn build(root: &Path) -> LocalSpool {
 
     add(&spool, "upload-05", 600, "1h", 3, 120);
     let b = claim(&spool, "agent-b", 180);
+    seen(&spool, 180);
     beat(
         &spool,
         &b,
@@ -266,4 +280,73 @@ pub fn console(root: &Path) -> App {
     app.color = true;
     settle(&mut app, vec![Effect::Refresh]);
     app
+}
+
+/// An agent id as a hostile agent writes it: a window title and a C1 CSI
+/// that clears the screen.
+pub const EVIL_AGENT: &str = "evil\x1b]0;pwned\x07\u{9b}2J";
+/// A phase that clears the screen and returns the cursor.
+pub const EVIL_PHASE: &str = "\x1b[2Jpayloads\r";
+/// A message that writes the clipboard (OSC 52) and reverses what follows.
+pub const EVIL_MESSAGE: &str = "\x1b]52;c;cm0gLXJmIH4=\x07copied\u{202e}gnp.exe\x08\x08";
+/// A server that paints the line red and backs over it.
+pub const EVIL_SERVER: &str = "\x1b[31m10.0.0.9:22\x08\x08\u{2066}";
+/// A job log with colours, a title, a clipboard write, CR, C1 CSI and a tab.
+pub const EVIL_LOG: &str = "\x1b[1;31merror\x1b[0m: disk\n\x1b]0;pwned\x07title gone\n\x1b]52;c;cm0=\x07clip\rover\n\u{9b}2Jcleared\n\tindented \u{202e}reversed\n";
+
+/// Adds to a [`build`] spool three jobs whose agent writes hostile strings
+/// everywhere it can: its id (in the lease), its status's phase, message and
+/// server, and its job log.
+///
+/// | job     | state    | how                                          |
+/// |---------|----------|----------------------------------------------|
+/// | evil-11 | leased   | building, hostile heartbeat and log          |
+/// | evil-12 | done     | uploaded and published under the hostile id  |
+/// | evil-13 | failed   | its agent failed with a hostile message      |
+pub fn add_hostile(spool: &LocalSpool) {
+    add(spool, "evil-11", 950, "1h", 3, 600);
+    let a = claim(spool, EVIL_AGENT, 610);
+    seen(spool, 610);
+    beat(
+        spool,
+        &a,
+        EVIL_SERVER,
+        AgentState::Building,
+        EVIL_PHASE,
+        0.3,
+        EVIL_MESSAGE,
+        1190,
+    );
+    spool
+        .write_atomic(&log_path("evil-11"), EVIL_LOG.as_bytes())
+        .unwrap();
+
+    add(spool, "evil-12", 940, "1h", 3, 620);
+    let b = claim(spool, EVIL_AGENT, 630);
+    upload(spool, &b);
+    beat(
+        spool,
+        &b,
+        EVIL_SERVER,
+        AgentState::Uploaded,
+        EVIL_PHASE,
+        1.0,
+        EVIL_MESSAGE,
+        640,
+    );
+
+    add(spool, "evil-13", 930, "1h", 1, 650);
+    let c = claim(spool, EVIL_AGENT, 660);
+    beat(
+        spool,
+        &c,
+        EVIL_SERVER,
+        AgentState::Failed,
+        EVIL_PHASE,
+        0.0,
+        EVIL_MESSAGE,
+        670,
+    );
+    // Publishes evil-12 and fails evil-13, unless the reaper refuses them.
+    reap(spool, at(700)).expect("a reap pass never fails on agent input");
 }
