@@ -20,8 +20,9 @@ use ratatui::Terminal;
 const HELD: Duration = Duration::from_secs(2);
 /// The time between two keys.
 const KEY_EVERY: Duration = Duration::from_millis(20);
-/// The longest the screen may go without a frame while keys arrive.
-const MAX_GAP: Duration = Duration::from_millis(250);
+/// The longest the screen may go without a frame while keys arrive: well
+/// under the clock's tick (1 s), which draws a frame even with no key.
+const MAX_GAP: Duration = Duration::from_millis(500);
 /// A holder that is never told to let go lets go after this, so that a
 /// console that does freeze fails the test instead of hanging it.
 const HOLDER_GIVES_UP: Duration = Duration::from_secs(8);
@@ -76,15 +77,18 @@ fn frames_keep_coming_while_a_publish_holds_the_lock() {
         keys.send(Msg::Key(KeyEvent::from(KeyCode::Char('+'))))
             .unwrap();
         let end = Instant::now() + HELD;
-        let mut down = true;
+        let mut sent = 1;
         while Instant::now() < end {
             thread::sleep(KEY_EVERY);
-            let code = if down { KeyCode::Down } else { KeyCode::Up };
-            down = !down;
-            if keys.send(Msg::Key(KeyEvent::from(code))).is_err() {
-                return;
-            }
+            let code = if sent % 2 == 1 {
+                KeyCode::Down
+            } else {
+                KeyCode::Up
+            };
+            keys.send(Msg::Key(KeyEvent::from(code))).unwrap();
+            sent += 1;
         }
+        sent
     });
 
     let start = Instant::now();
@@ -92,13 +96,13 @@ fn frames_keep_coming_while_a_publish_holds_the_lock() {
     frames.extend(turns_until(&mut console, &mut terminal, 20, |_| {
         start.elapsed() >= HELD
     }));
-    typist.join().unwrap();
+    let sent = typist.join().unwrap();
     let gaps: Vec<Duration> = frames.windows(2).map(|w| w[1] - w[0]).collect();
     let longest = gaps.iter().max().copied().unwrap_or_default();
-    let expected = (HELD.as_millis() / KEY_EVERY.as_millis() / 2) as usize;
+    // Keys that arrive together share a frame; a frozen loop draws none.
     assert!(
-        frames.len() >= expected,
-        "{} frames in {HELD:?} while keys came every {KEY_EVERY:?}",
+        frames.len() >= sent / 2,
+        "{} frames in {HELD:?} while {sent} keys came",
         frames.len()
     );
     assert!(
