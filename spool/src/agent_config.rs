@@ -27,6 +27,9 @@ use serde::{Deserialize, Serialize};
 use crate::job::JobError;
 use crate::units::Span;
 
+/// Longest `poll_interval`: an hour.
+pub const MAX_POLL_INTERVAL_SECS: u64 = 3600;
+
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
@@ -208,7 +211,19 @@ impl AgentConfig {
         self.validate()
     }
 
+    /// The agent waits this long between rounds of asking for work; a
+    /// bound keeps its timers in range.
     fn validate(&self) -> Result<(), JobError> {
+        let poll = self.poll_interval.as_secs();
+        if !(1..=MAX_POLL_INTERVAL_SECS).contains(&poll) {
+            return Err(err(
+                "poll_interval",
+                format!(
+                    "{} is out of range 1s..=1h",
+                    humantime::format_duration(self.poll_interval.0)
+                ),
+            ));
+        }
         if let Some(id) = &self.id {
             crate::names::check_job_id(id).map_err(|p| err("id", format!("agent id {p}")))?;
         }
@@ -298,6 +313,8 @@ spool = "/srv/kiln"
     fn errors_name_the_field() {
         let e = parse_agent_config(&TEXT.replace("10.0.2.2:2222", "nohost")).unwrap_err();
         assert_eq!(e.field, "servers[0].address");
+        let e = parse_agent_config(&TEXT.replace("\"5s\"", "\"10000y\"")).unwrap_err();
+        assert!(e.to_string().contains("poll_interval"), "{e}");
         let e = parse_agent_config(&TEXT.replace("poll_interval", "poll")).unwrap_err();
         assert!(e.problem.contains("unknown field"), "{e}");
         let mut c = parse_agent_config(TEXT).unwrap();

@@ -53,9 +53,6 @@ pub fn claim_next(fs: &dyn SpoolFs, agent: &str, now: Timestamp) -> Result<Optio
     Ok(None)
 }
 
-/// Largest job file an agent reads.
-pub const MAX_JOB_FILE: u64 = 1 << 20;
-
 /// The BLAKE3 that the job list pins for job `id`'s file.
 pub fn pinned_job_hash(fs: &dyn SpoolFs, id: &str) -> Result<String> {
     read_job_list(fs)?
@@ -75,7 +72,7 @@ pub fn fetch_job(fs: &dyn SpoolFs, lease: &Lease) -> Result<String> {
     let pinned = pinned_job_hash(fs, &lease.job)?;
     let path = job_path(&lease.job);
     let bytes = fs
-        .read_capped(&path, MAX_JOB_FILE)
+        .read_capped(&path, crate::job::MAX_JOB_BYTES as u64)
         .ctx(|| format!("reading {path}"))?
         .ok_or_else(|| SpoolError::Corrupt {
             path: path.clone(),

@@ -80,7 +80,10 @@ pub fn pin_payloads(fs: &dyn SpoolFs, text: &str, spec: &JobSpec) -> Result<Stri
             }
         }
     }
-    Ok(doc.to_string())
+    // Pinning adds text: the job must still be within every bound.
+    let pinned = doc.to_string();
+    parse_job(&pinned)?;
+    Ok(pinned)
 }
 
 /// Validates a job file's text, pins its payloads and queues it.

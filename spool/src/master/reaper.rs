@@ -24,9 +24,6 @@ use crate::units::TimeLimit;
 use crate::untrusted::{self, Untrusted};
 use crate::upload::MANIFEST;
 
-/// Largest job file the master takes in from `jobs/`.
-pub const MAX_JOB_FILE: u64 = 1 << 20;
-
 /// What one pass did, for the log and the operator.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct ReapReport {
@@ -178,7 +175,7 @@ fn ingest(
         }
         changed = true;
         let path = job_path(id);
-        let bytes = match fs.read_capped(&path, MAX_JOB_FILE) {
+        let bytes = match fs.read_capped(&path, crate::job::MAX_JOB_BYTES as u64) {
             Ok(Some(b)) => b,
             Ok(None) => continue,
             Err(e) => {
