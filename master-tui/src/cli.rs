@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use kiln_spool::master::reap;
+use kiln_spool::master::reap_locking;
 use kiln_spool::master::{self, JobState, JobView, MasterError};
 use kiln_spool::names::check_payload_name;
 use kiln_spool::printable::{needs_escape, printable};
@@ -294,8 +294,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Reap => {
             let spool = open_spool(&cli.spool)?;
-            let _lock = lock(&spool)?;
-            let report = reap(&spool, now)?;
+            let report = reap_locking(&spool, &|| now)?;
             for line in report.lines() {
                 println!("{}", printable(&line));
             }
@@ -444,16 +443,13 @@ fn serve(spool: &LocalSpool, interval: Duration) -> Result<(), Failure> {
         Span(interval)
     );
     while !stop.load(Ordering::SeqCst) {
-        {
-            let _lock = lock(spool)?;
-            match reap(spool, Timestamp::now()) {
-                Ok(report) => {
-                    for line in report.lines() {
-                        println!("{} {}", Timestamp::now(), printable(&line));
-                    }
+        match reap_locking(spool, &Timestamp::now) {
+            Ok(report) => {
+                for line in report.lines() {
+                    println!("{} {}", Timestamp::now(), printable(&line));
                 }
-                Err(e) => eprintln!("kiln-master: reap failed: {}", printable(&format!("{e:#}"))),
             }
+            Err(e) => eprintln!("kiln-master: reap failed: {}", printable(&format!("{e:#}"))),
         }
         let until = std::time::Instant::now() + interval;
         while !stop.load(Ordering::SeqCst) && std::time::Instant::now() < until {

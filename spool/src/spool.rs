@@ -248,6 +248,13 @@ fn sync(dir: &OwnedFd) -> io::Result<()> {
 }
 
 impl LocalSpool {
+    /// Opens a regular file beneath the spool for reading (and seeking),
+    /// never through a symlink: for readers that want more than
+    /// [`SpoolFs::open_read`], such as the tail of a job log.
+    pub fn open_file(&self, rel: &str) -> io::Result<File> {
+        beneath::open_file(&self.root_fd()?, rel)
+    }
+
     fn root_fd(&self) -> io::Result<OwnedFd> {
         beneath::open_root(&self.root)
     }

@@ -11,6 +11,7 @@ use kiln_spool::printable::printable_log_line;
 use kiln_spool::spool::{image_dir, log_path, status_path, IMAGES, STATUS};
 use kiln_spool::status::Status;
 use kiln_spool::time::Timestamp;
+use kiln_spool::untrusted;
 use kiln_spool::upload::{Published, JOB_LOG, MANIFEST, PUBLISHED};
 use kiln_spool::{JobSpec, LocalSpool, SpoolFs};
 
@@ -125,11 +126,10 @@ fn read_statuses(spool: &LocalSpool) -> Vec<Status> {
         .iter()
         .filter_map(|n| n.strip_suffix(".toml"))
         .filter_map(|id| {
-            let path = status_path(id);
-            let bytes = spool.read_opt(&path).ok()??;
-            Status::parse(&String::from_utf8_lossy(&bytes))
-                .map_err(|e| tracing::debug!("skipping {path}: {e}"))
+            untrusted::status(spool, id)
+                .map_err(|e| tracing::debug!("skipping {}: {e}", status_path(id)))
                 .ok()
+                .flatten()
         })
         .collect()
 }
@@ -241,7 +241,9 @@ impl Detail {
 
 /// The last lines of a file, `None` if it does not exist.
 fn read_tail(spool: &LocalSpool, rel: &str) -> std::io::Result<Option<Vec<String>>> {
-    let mut f = match std::fs::File::open(spool.path(rel)) {
+    // Logs are agent-written: opened beneath the spool, never through a
+    // symlink, and only if they are regular files.
+    let mut f = match spool.open_file(rel) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),

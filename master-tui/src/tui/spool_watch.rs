@@ -7,7 +7,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use kiln_spool::master::reap;
+use kiln_spool::master::reap_locking;
 use kiln_spool::spool::{
     HISTORY, IMAGES, INCOMING, JOBS, LEASES, LOGS, MASTER_DIR, STATUS, TMP_PREFIX,
 };
@@ -200,10 +200,9 @@ impl Reaper {
                 let _log = tracing::dispatcher::set_default(&dispatch);
                 loop {
                     let t = Instant::now();
-                    let result = match spool.lock() {
-                        Ok(_lock) => reap(&spool, Timestamp::now()).map_err(|e| e.to_string()),
-                        Err(e) => Err(format!("taking the master lock: {e}")),
-                    };
+                    // The pass takes the lock only for its changes, not
+                    // while it verifies and copies a large upload.
+                    let result = reap_locking(&spool, &Timestamp::now).map_err(|e| e.to_string());
                     let took = t.elapsed();
                     tracing::debug!("reaper pass took {took:?}");
                     if out.send(Msg::Reaped(result)).is_err() {
