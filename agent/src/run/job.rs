@@ -1,0 +1,244 @@
+//! The job this agent holds: its workspace (log, mount points, image), its
+//! heartbeat, and the work from download to upload.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{anyhow, bail, Context, Result};
+use kiln_spool::agent::claim::heartbeat;
+use kiln_spool::agent_config::Server;
+use kiln_spool::lease::Lease;
+use kiln_spool::sftp::SftpSpool;
+use kiln_spool::spool::{log_path, SpoolFs};
+use kiln_spool::status::{AgentState, Status};
+use kiln_spool::time::Timestamp;
+
+use super::download::{download_job, fetch_payloads};
+use super::heartbeat::{heartbeats, Beat};
+use super::upload::upload_resuming;
+use super::{connect, RunOptions};
+use crate::joblog::JobLog;
+use crate::progress::{Event, EventKind};
+use crate::{build, manifest_path_for, BuildRequest};
+
+/// A claimed job and everything the agent keeps for it while it holds it.
+pub(super) struct HeldJob<'a> {
+    pub opts: &'a RunOptions,
+    pub server: &'a Server,
+    pub spool: &'a SftpSpool,
+    pub lease: &'a Lease,
+    stop: &'a AtomicBool,
+    pub beat: Beat,
+    pub log: JobLog,
+    /// The job's workspace under the agent's work dir.
+    pub dir: PathBuf,
+}
+
+impl<'a> HeldJob<'a> {
+    fn open(
+        opts: &'a RunOptions,
+        server: &'a Server,
+        spool: &'a SftpSpool,
+        lease: &'a Lease,
+        stop: &'a AtomicBool,
+    ) -> Result<Self> {
+        let now = Timestamp::now();
+        let beat = Beat::new(Status {
+            job: lease.job.clone(),
+            agent: opts.agent_id.clone(),
+            token: lease.token.clone(),
+            server: server.address.clone(),
+            state: AgentState::Building,
+            phase: "download".into(),
+            progress: 0.0,
+            message: String::new(),
+            started: now,
+            updated: now,
+        });
+        let dir = opts.work_dir.join("jobs").join(&lease.job);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let log_file = dir.join("job.log");
+        let log = JobLog::create(&log_file)
+            .with_context(|| format!("creating {}", log_file.display()))?;
+        log.line(&format!(
+            "agent {} holds {} (token {}, attempt {})",
+            opts.agent_id, lease.job, lease.token, lease.attempt
+        ));
+        Ok(HeldJob {
+            opts,
+            server,
+            spool,
+            lease,
+            stop,
+            beat,
+            log,
+            dir,
+        })
+    }
+
+    pub fn log_file(&self) -> PathBuf {
+        self.dir.join("job.log")
+    }
+
+    fn image(&self) -> PathBuf {
+        self.dir.join(format!("{}.raw.zst", self.lease.job))
+    }
+
+    /// Turns the agent's stop flag into the job's abort flag.
+    pub fn watch_stop(&self) {
+        if self.stop.load(Ordering::SeqCst) {
+            self.beat.abort.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// A new session to the job's server, after the first one dropped.
+    pub fn reconnect(&self) -> Result<SftpSpool> {
+        connect(self.opts, self.server)
+    }
+
+    /// Download, build, upload.
+    fn work(&self, say: &mut dyn FnMut(&str)) -> Result<()> {
+        let (text, job) = download_job(self.spool, self.lease)?;
+        let payload_dir = fetch_payloads(self, &job)?;
+        self.watch_stop();
+        let image = self.image();
+        // The engine cleans up (unmounts) after a failed phase; the
+        // status must name the phase that failed, not the clean-up.
+        let mut failed_in: Option<&'static str> = None;
+        let mut open: Option<&'static str> = None;
+        let mut on_event = |e: &Event| {
+            self.watch_stop();
+            match e.kind {
+                EventKind::Started => {
+                    if let Some(p) = open.replace(e.phase.as_str()) {
+                        failed_in.get_or_insert(p);
+                    }
+                }
+                EventKind::Finished { seconds } => {
+                    open = None;
+                    say(&format!(
+                        "{}: {} done in {seconds:.1}s",
+                        self.lease.job, e.phase
+                    ));
+                }
+                _ => {}
+            }
+            self.beat.set(|st| {
+                st.phase = e.phase.as_str().to_string();
+                if let Some(f) = e.fraction() {
+                    st.progress = f;
+                }
+                if let EventKind::Message(m) = &e.kind {
+                    st.message = m.clone();
+                }
+            });
+        };
+        let mounts = self.dir.join("mnt");
+        std::fs::create_dir_all(&mounts)
+            .with_context(|| format!("creating {}", mounts.display()))?;
+        let req = BuildRequest {
+            job: &job,
+            job_text: &text,
+            payload_dir: &payload_dir,
+            disk: &self.opts.disk,
+            out: &image,
+            log: &self.log,
+            agent_id: &self.opts.agent_id,
+            work_dir: &mounts,
+        };
+        let built = build(&req, &mut on_event, &self.beat.abort);
+        let manifest = built.map_err(|e| {
+            let phase = failed_in.or(open).unwrap_or("build");
+            self.beat.set(|st| st.phase = phase.to_string());
+            anyhow!(e.one_line())
+        })?;
+        self.beat.set(|st| {
+            st.state = AgentState::Uploading;
+            st.phase = "upload".into();
+            st.progress = 0.0;
+            st.message = format!("{} bytes", manifest.image_size);
+        });
+        self.log.line(&format!(
+            "uploading {} ({} bytes)",
+            image.display(),
+            manifest.image_size
+        ));
+        self.log.sync();
+        let report = upload_resuming(self, &image, &manifest)?;
+        self.beat.set(|st| {
+            st.state = AgentState::Uploaded;
+            st.progress = 1.0;
+            st.message = format!(
+                "{} chunks sent, {} already held",
+                report.sent, report.skipped
+            );
+        });
+        // Free the scratch space (in RAM on a PXE-booted machine).
+        let _ = std::fs::remove_file(&image);
+        let _ = std::fs::remove_file(manifest_path_for(&image));
+        Ok(())
+    }
+
+    /// Tells the master how the job ended: the last heartbeat, and on a
+    /// failure the job log first.
+    fn report(&self, result: Result<()>, say: &mut dyn FnMut(&str)) -> Result<()> {
+        let job = &self.lease.job;
+        if let Some(why) = self.beat.lost() {
+            self.log.line(&format!("stopped: {why}"));
+            say(&format!("{job}: stopped: {why}"));
+            bail!("stopped: {why}");
+        }
+        match result {
+            Ok(()) => {
+                // The upload is complete and the master publishes it whatever
+                // the status says; a link that dropped since only loses the
+                // last heartbeat, so retry once on a new session and go on.
+                let status = self.beat.status();
+                if heartbeat(self.spool, self.lease, &status).is_err() {
+                    let retried = self
+                        .reconnect()
+                        .and_then(|fs| Ok(heartbeat(&fs, self.lease, &status)?));
+                    if let Err(e) = retried {
+                        say(&format!("{job}: the final status was not written: {e:#}"));
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let reason = format!("{e:#}");
+                self.log.line(&format!("failed: {reason}"));
+                self.log.sync();
+                self.beat.set(|st| {
+                    st.state = AgentState::Failed;
+                    st.message = reason.clone();
+                });
+                // The log goes first, so that when the master sees `failed` the log is there.
+                if let Ok(text) = std::fs::read(self.log_file()) {
+                    let _ = self.spool.write_atomic(&log_path(job), &text);
+                }
+                let _ = heartbeat(self.spool, self.lease, &self.beat.status());
+                bail!("{reason}")
+            }
+        }
+    }
+}
+
+/// Holds `lease` until its job is uploaded or failed; the heartbeat thread
+/// runs alongside.
+pub(super) fn do_job(
+    opts: &RunOptions,
+    server: &Server,
+    spool: &SftpSpool,
+    lease: &Lease,
+    stop: &AtomicBool,
+    say: &mut dyn FnMut(&str),
+) -> Result<()> {
+    let held = HeldJob::open(opts, server, spool, lease, stop)?;
+    let result = std::thread::scope(|s| {
+        s.spawn(|| heartbeats(opts, server, lease, &held.beat));
+        let r = held.work(say);
+        held.beat.finish();
+        r
+    });
+    held.report(result, say)
+}

@@ -1,0 +1,143 @@
+//! `kiln-agent run`: ask each job server in turn for the highest-priority
+//! job nobody holds, claim it, build it, upload the image, and go on.
+//!
+//! One file per job: this poll loop, [`job`] the held job and its
+//! workspace, [`heartbeat`] the status thread, [`download`] the job and its
+//! payloads, [`upload`] the image.
+
+mod download;
+mod heartbeat;
+mod identity;
+mod job;
+mod upload;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use kiln_spool::agent::claim::claim_next;
+use kiln_spool::agent::uploader::UploadOptions;
+use kiln_spool::agent_config::{AgentConfig, Server};
+use kiln_spool::sftp::{SessionOptions, SftpSpool};
+use kiln_spool::time::Timestamp;
+
+pub use identity::default_agent_id;
+
+/// What `run` needs besides the config.
+pub struct RunOptions {
+    pub config: AgentConfig,
+    pub agent_id: String,
+    /// The disk to build on (overrides the config's `disk`).
+    pub disk: PathBuf,
+    /// Scratch space: the payload cache, images, job logs, mount points.
+    pub work_dir: PathBuf,
+    /// Do one job (or find none) and return.
+    pub once: bool,
+    pub upload: UploadOptions,
+    pub session: SessionOptions,
+}
+
+/// How a `--once` run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Built { job: String },
+    NothingToDo,
+}
+
+/// Runs jobs until `stop` is raised (or, with `once`, after one).
+pub fn run(opts: &RunOptions, stop: &AtomicBool, say: &mut dyn FnMut(&str)) -> Result<Outcome> {
+    if opts.config.servers.is_empty() {
+        bail!("the agent config names no [[servers]]");
+    }
+    std::fs::create_dir_all(opts.work_dir.join("cache"))
+        .with_context(|| format!("creating {}", opts.work_dir.join("cache").display()))?;
+    let n = opts.config.servers.len();
+    let mut next = 0;
+    loop {
+        let mut built = None;
+        for k in 0..n {
+            let idx = (next + k) % n;
+            let server = &opts.config.servers[idx];
+            match try_server(opts, server, stop, say) {
+                Ok(Some(job)) => {
+                    built = Some(Ok(job));
+                    next = idx + 1;
+                    break;
+                }
+                Ok(None) => {}
+                Err(e) if opts.once && is_job_failure(&e) => {
+                    built = Some(Err(e));
+                    break;
+                }
+                Err(e) => say(&format!("server {}: {e:#}", server.address)),
+            }
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+        }
+        match (built, opts.once) {
+            (Some(Ok(job)), true) => return Ok(Outcome::Built { job }),
+            (Some(Err(e)), true) => return Err(e),
+            (None, true) => return Ok(Outcome::NothingToDo),
+            (Some(_), false) => continue,
+            (None, false) => {}
+        }
+        let until = Instant::now() + opts.config.poll_interval.0;
+        while Instant::now() < until {
+            if stop.load(Ordering::SeqCst) {
+                return Ok(Outcome::NothingToDo);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// A job that was claimed and then failed, as opposed to a server that
+/// could not be reached.
+#[derive(Debug, thiserror::Error)]
+#[error("job {job}: {reason}")]
+pub struct JobFailed {
+    pub job: String,
+    pub reason: String,
+}
+
+fn is_job_failure(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<JobFailed>().is_some()
+}
+
+fn connect(opts: &RunOptions, server: &Server) -> Result<SftpSpool> {
+    SftpSpool::connect(server, &opts.session)
+        .with_context(|| format!("connecting to {}", server.address))
+}
+
+/// Claims and builds this server's highest-priority available job, if any.
+fn try_server(
+    opts: &RunOptions,
+    server: &Server,
+    stop: &AtomicBool,
+    say: &mut dyn FnMut(&str),
+) -> Result<Option<String>> {
+    let spool = connect(opts, server)?;
+    let Some(lease) =
+        claim_next(&spool, &opts.agent_id, Timestamp::now()).context("claiming a job")?
+    else {
+        return Ok(None);
+    };
+    say(&format!(
+        "claimed {} on {} (attempt {}, deadline {})",
+        lease.job, server.address, lease.attempt, lease.deadline
+    ));
+    let job = lease.job.clone();
+    match job::do_job(opts, server, &spool, &lease, stop, say) {
+        Ok(()) => {
+            say(&format!("{job}: uploaded; the master publishes it"));
+            Ok(Some(job))
+        }
+        Err(e) => {
+            let reason = format!("{e:#}");
+            say(&format!("{job}: failed: {reason}"));
+            Err(JobFailed { job, reason }.into())
+        }
+    }
+}
