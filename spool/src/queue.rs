@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::job::JobSpec;
 use crate::time::Timestamp;
 use crate::units::TimeLimit;
 
@@ -60,6 +61,24 @@ pub struct LeaseRecord {
 }
 
 impl Entry {
+    /// A queued entry for a job file whose payloads are pinned (`pinned` is
+    /// the file's text as stored in `jobs/`); `push` gives it its number.
+    pub fn queued(spec: &JobSpec, pinned: &str, now: Timestamp) -> Entry {
+        Entry {
+            id: spec.id.clone(),
+            priority: spec.priority,
+            seq: 0,
+            state: EntryState::Queued,
+            attempts: 0,
+            max_attempts: spec.max_attempts,
+            time_limit: spec.time_limit,
+            submitted: now,
+            blake3: blake3::hash(pinned.as_bytes()).to_hex().to_string(),
+            message: String::new(),
+            lease: None,
+        }
+    }
+
     /// The deadline of the lease with `token` by the master's records: when
     /// the master first saw it plus the job's time limit and any extension.
     /// A lease the master has not recorded yet counts from `now`.

@@ -107,19 +107,7 @@ pub fn add_job(fs: &dyn SpoolFs, text: &str, file: &Path, now: Timestamp) -> Res
     let path = job_path(&spec.id);
     fs.write_atomic(&path, pinned.as_bytes())
         .ctx(|| format!("writing {path}"))?;
-    let entry = Entry {
-        id: spec.id.clone(),
-        priority: spec.priority,
-        seq: 0,
-        state: EntryState::Queued,
-        attempts: 0,
-        max_attempts: spec.max_attempts,
-        time_limit: spec.time_limit,
-        submitted: now,
-        blake3: blake3::hash(pinned.as_bytes()).to_hex().to_string(),
-        message: String::new(),
-        lease: None,
-    };
+    let entry = Entry::queued(&spec, &pinned, now);
     list.push(entry);
     write_job_list(fs, &list)?;
     Ok(list.get(&spec.id).cloned().expect("just added"))

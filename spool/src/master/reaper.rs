@@ -200,37 +200,32 @@ fn ingest(
                 MasterError::Job(j) => j.in_file(Path::new(&path)).to_string(),
                 other => format!("{path}: {other}"),
             });
-        let mut entry = Entry {
-            id: id.to_string(),
-            priority: 0,
-            seq: 0,
-            state: EntryState::Invalid,
-            attempts: 0,
-            max_attempts: 1,
-            time_limit: TimeLimit::default(),
-            submitted: now,
-            blake3: blake3::hash(&bytes).to_hex().to_string(),
-            message: String::new(),
-            lease: None,
-        };
-        match outcome {
+        let entry = match outcome {
             Ok((spec, pinned)) => {
                 if pinned != text {
                     fs.write_atomic(&path, pinned.as_bytes())
                         .ctx(|| format!("writing {path}"))?;
                 }
-                entry.priority = spec.priority;
-                entry.state = EntryState::Queued;
-                entry.max_attempts = spec.max_attempts;
-                entry.time_limit = spec.time_limit;
-                entry.blake3 = blake3::hash(pinned.as_bytes()).to_hex().to_string();
                 report.ingested.push(id.to_string());
+                Entry::queued(&spec, &pinned, now)
             }
             Err(why) => {
-                entry.message = why.clone();
-                report.invalid.push((id.to_string(), why));
+                report.invalid.push((id.to_string(), why.clone()));
+                Entry {
+                    id: id.to_string(),
+                    priority: 0,
+                    seq: 0,
+                    state: EntryState::Invalid,
+                    attempts: 0,
+                    max_attempts: 1,
+                    time_limit: TimeLimit::default(),
+                    submitted: now,
+                    blake3: blake3::hash(&bytes).to_hex().to_string(),
+                    message: why,
+                    lease: None,
+                }
             }
-        }
+        };
         list.push(entry);
     }
     Ok(changed)
