@@ -84,6 +84,10 @@ pub const MAX_STEP_NAME: usize = 64;
 /// Longest step script, in bytes: it is passed as one argument to `sh -c`,
 /// and the kernel refuses an argument of 128 KiB or more.
 pub const MAX_STEP_RUN: usize = 64 << 10;
+/// Longest extra kernel command line, in bytes: it goes into GRUB's config
+/// beside the root and the distribution's own arguments, all within the
+/// kernel's 2048-byte command line on x86.
+pub const MAX_BOOT_CMDLINE: usize = 1024;
 
 /// A job's time limit when its file gives none.
 pub const DEFAULT_TIME_LIMIT: TimeLimit = match TimeLimit::from_secs(60 * 60) {
@@ -167,6 +171,8 @@ pub struct JobSpec {
     pub configure: Configure,
     #[serde(default)]
     pub steps: Vec<Step>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<Boot>,
     #[serde(default)]
     pub image: ImageSpec,
 }
@@ -395,6 +401,43 @@ pub enum StepPlace {
     Agent,
 }
 
+/// How the image boots by itself: the agent installs the loader with the
+/// target's own tools for the firmware named here.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Boot {
+    pub firmware: Firmware,
+    #[serde(default)]
+    pub loader: Loader,
+    /// Extra kernel arguments, e.g. a serial console.
+    #[serde(default)]
+    pub cmdline: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Firmware {
+    Uefi,
+    Bios,
+    Both,
+}
+
+impl Firmware {
+    pub fn uefi(self) -> bool {
+        matches!(self, Firmware::Uefi | Firmware::Both)
+    }
+    pub fn bios(self) -> bool {
+        matches!(self, Firmware::Bios | Firmware::Both)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Loader {
+    #[default]
+    Grub,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ImageSpec {
@@ -402,6 +445,10 @@ pub struct ImageSpec {
     pub format: String,
     #[serde(default = "default_level")]
     pub compression_level: i32,
+    /// Remove what ties the image to the machine that built it (SSH host
+    /// keys, machine-id, random seed, leases, logs, package caches).
+    #[serde(default = "yes")]
+    pub generalize: bool,
 }
 
 impl Default for ImageSpec {
@@ -409,6 +456,7 @@ impl Default for ImageSpec {
         ImageSpec {
             format: default_format(),
             compression_level: default_level(),
+            generalize: true,
         }
     }
 }
@@ -604,6 +652,10 @@ fn validate(spec: &JobSpec) -> Result<(), JobError> {
         )?;
     }
 
+    if let Some(boot) = &spec.boot {
+        validate_boot(boot, &spec.disk, has_root)?;
+    }
+
     check(
         spec.image.format == "raw.zst",
         "image.format",
@@ -617,6 +669,51 @@ fn validate(spec: &JobSpec) -> Result<(), JobError> {
         "image.compression_level",
         format!("{} is out of range 1..=22", spec.image.compression_level),
     )?;
+    Ok(())
+}
+
+fn validate_boot(boot: &Boot, disk: &Disk, has_root: bool) -> Result<(), JobError> {
+    check(
+        has_root,
+        "boot",
+        "no partition mounts \"/\", so there is no system to boot",
+    )?;
+    check_len("boot.cmdline", &boot.cmdline, MAX_BOOT_CMDLINE)?;
+    // The arguments are written between double quotes into a shell file
+    // (/etc/default/grub.d) that update-grub sources.
+    check(
+        boot.cmdline
+            .chars()
+            .all(|c| c == ' ' || (c.is_ascii_graphic() && !matches!(c, '"' | '\\' | '$' | '`'))),
+        "boot.cmdline",
+        "must be printable ASCII words without '\"', '\\', '$' or '`'",
+    )?;
+    if boot.firmware.uefi() {
+        let esp = disk.partitions.iter().find(|p| p.kind == PartKind::Esp);
+        check(
+            esp.is_some(),
+            "boot.firmware",
+            format!(
+                "{:?} needs an EFI system partition (kind = \"esp\")",
+                boot.firmware
+            ),
+        )?;
+        check(
+            esp.is_some_and(|p| p.mount.is_some()),
+            "boot.firmware",
+            "the EFI system partition needs a mount (e.g. \"/boot/efi\") to install the loader into",
+        )?;
+    }
+    if boot.firmware.bios() && disk.table == Table::Gpt {
+        check(
+            disk.partitions.iter().any(|p| p.kind == PartKind::BiosBoot),
+            "boot.firmware",
+            format!(
+                "{:?} on a gpt table needs a bios-boot partition (kind = \"bios-boot\", fs = \"none\", 1MiB) for GRUB's core image",
+                boot.firmware
+            ),
+        )?;
+    }
     Ok(())
 }
 
@@ -916,6 +1013,8 @@ mount = "/"
         assert_eq!(j.time_limit.as_secs(), 3600);
         assert_eq!(j.disk.device, "auto");
         assert_eq!(j.image.format, "raw.zst");
+        assert!(j.image.generalize);
+        assert_eq!(j.boot, None);
         assert!(j.configure.fstab);
     }
 
@@ -1059,6 +1158,39 @@ mount = "/"
             );
         }
         user("ops", "uid = 65534\ngid = 4294967294").unwrap();
+    }
+
+    #[test]
+    fn boot_needs_the_partitions_its_firmware_loads_from() {
+        const ESP: &str = "[[disk.partitions]]\nlabel = \"ESP\"\nsize = \"32MiB\"\nkind = \"esp\"\nfs = \"vfat\"\nmount = \"/boot/efi\"\n";
+        const BIOS: &str = "[[disk.partitions]]\nlabel = \"bios\"\nsize = \"1MiB\"\nkind = \"bios-boot\"\nfs = \"none\"\n";
+        let job_with = |table: &str, parts: &str, firmware: &str, cmdline: &str| {
+            parse_job(&format!(
+                "id = \"a\"\n[disk]\ntable = \"{table}\"\n{parts}{}[boot]\nfirmware = \"{firmware}\"\ncmdline = \"{cmdline}\"\n",
+                MINIMAL.split_once("[disk]\n").unwrap().1
+            ))
+        };
+        let job = |table: &str, parts: &str, firmware: &str| {
+            job_with(table, parts, firmware, "console=ttyS0,115200 quiet")
+        };
+        let both = job("gpt", &format!("{ESP}{BIOS}"), "both").unwrap();
+        let boot = both.boot.unwrap();
+        assert!(boot.firmware.uefi() && boot.firmware.bios());
+        assert_eq!(boot.loader, Loader::Grub);
+        job("gpt", ESP, "uefi").unwrap();
+        job("mbr", "", "bios").unwrap();
+        let e = job("gpt", ESP, "both").unwrap_err();
+        assert_eq!(e.field, "boot.firmware");
+        assert!(e.problem.contains("bios-boot"), "{e}");
+        let e = job("gpt", BIOS, "uefi").unwrap_err();
+        assert!(e.problem.contains("EFI system partition"), "{e}");
+        for bad in ["a\\\"b", "$(reboot)", "`x`", "a\\nb", "\\\\"] {
+            let e = job_with("gpt", ESP, "uefi", bad).unwrap_err();
+            assert_eq!(e.field, "boot.cmdline", "{bad}: {e}");
+        }
+        job_with("gpt", ESP, "uefi", &"x".repeat(MAX_BOOT_CMDLINE)).unwrap();
+        let e = job_with("gpt", ESP, "uefi", &"x".repeat(MAX_BOOT_CMDLINE + 1)).unwrap_err();
+        assert_eq!(e.field, "boot.cmdline");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use kiln_spool::job::{FsKind, Mode, PartKind, StepPlace, Table};
+use kiln_spool::job::{Firmware, FsKind, Loader, Mode, PartKind, StepPlace, Table};
 use kiln_spool::units::Size;
 use kiln_spool::{load_job, parse_job};
 
@@ -42,6 +42,11 @@ fn full_job_parses_every_field() {
     assert_eq!(job.steps[1].place, StepPlace::Agent);
     assert_eq!(job.steps[1].time_limit.as_secs(), 600);
     assert_eq!(job.image.compression_level, 6);
+    assert!(!job.image.generalize);
+    let boot = job.boot.as_ref().unwrap();
+    assert_eq!(boot.firmware, Firmware::Uefi);
+    assert_eq!(boot.loader, Loader::Grub);
+    assert_eq!(boot.cmdline, "console=ttyS0,115200 console=tty0");
     assert_eq!(job.min_disk_bytes(), (64 + 128 + 2048 + 1 + 2) << 20);
 }
 
@@ -94,7 +99,7 @@ fn every_rejection_names_its_field() {
         }
         seen += 1;
     }
-    assert!(seen >= 83, "only {seen} rejection fixtures found");
+    assert!(seen >= 95, "only {seen} rejection fixtures found");
 }
 
 #[test]
