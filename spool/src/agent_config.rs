@@ -6,6 +6,7 @@
 //! poll_interval = "10s"
 //! disk = "auto"               # or /dev/nvme0n1
 //! debug = false               # on a fatal error: rescue shell instead of reboot
+//! upload_window = "32MiB"     # compressed image in flight to the server (see below)
 //!
 //! [[servers]]
 //! address = "10.0.2.2:2222"
@@ -18,6 +19,13 @@
 //! On the command line: `kiln.id=n7 kiln.disk=/dev/vda kiln.debug=1
 //! kiln.server.0.address=10.0.2.2:2222 kiln.server.0.host_key="ssh-ed25519 AAAA..."`.
 //! `kiln.server.N.*` changes server N, or adds it when N is the next index.
+//!
+//! `upload_window` (`kiln.upload_window=64MiB`) bounds the compressed image
+//! between the capture and the job server: half of it for zstd's workers,
+//! half for the upload's chunk buffers, which are kept until the server
+//! holds them. The agent's memory is its fixed needs (under 96 MiB) plus
+//! this window, whatever the payloads and the image; a larger window buys
+//! zstd workers (up to the CPUs) and larger chunks.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -29,6 +37,11 @@ use crate::units::Span;
 
 /// Longest `poll_interval`: an hour.
 pub const MAX_POLL_INTERVAL_SECS: u64 = 3600;
+/// The default `upload_window`.
+pub const DEFAULT_UPLOAD_WINDOW: u64 = 32 << 20;
+/// The smallest and largest `upload_window`.
+pub const MIN_UPLOAD_WINDOW: u64 = 4 << 20;
+pub const MAX_UPLOAD_WINDOW: u64 = 4 << 30;
 
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -41,8 +54,37 @@ pub struct AgentConfig {
     pub disk: String,
     #[serde(default)]
     pub debug: bool,
+    /// Bytes of compressed image in flight between capture and server.
+    #[serde(default = "default_window", with = "bytes")]
+    pub upload_window: u64,
     #[serde(default)]
     pub servers: Vec<Server>,
+}
+
+fn default_window() -> u64 {
+    DEFAULT_UPLOAD_WINDOW
+}
+
+/// A byte count written as `"32MiB"` (or a plain number), as sizes are
+/// everywhere else in kiln.
+mod bytes {
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    use crate::units::{format_bytes, Size};
+
+    pub fn serialize<S: Serializer>(n: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format_bytes(*n))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        match Size::deserialize(d)? {
+            Size::Bytes(n) => Ok(n),
+            Size::Rest => Err(D::Error::custom(format!(
+                "must be a size like \"32MiB\", not {:?}",
+                "rest"
+            ))),
+        }
+    }
 }
 
 fn default_poll() -> Span {
@@ -79,6 +121,7 @@ impl fmt::Debug for AgentConfig {
             .field("poll_interval", &self.poll_interval)
             .field("disk", &self.disk)
             .field("debug", &self.debug)
+            .field("upload_window", &self.upload_window)
             .field("servers", &self.servers)
             .finish()
     }
@@ -168,6 +211,10 @@ impl AgentConfig {
                 "id" => self.id = Some(value.to_string()),
                 "disk" => self.disk = value.to_string(),
                 "debug" => self.debug = matches!(value, "1" | "true" | "yes" | "on"),
+                "upload_window" => {
+                    self.upload_window =
+                        crate::units::parse_bytes(value).map_err(|p| err(&field, p))?;
+                }
                 "poll_interval" => {
                     self.poll_interval =
                         crate::units::parse_span(value).map_err(|p| err(&field, p))?;
@@ -221,6 +268,17 @@ impl AgentConfig {
                 format!(
                     "{} is out of range 1s..=1h",
                     humantime::format_duration(self.poll_interval.0)
+                ),
+            ));
+        }
+        if !(MIN_UPLOAD_WINDOW..=MAX_UPLOAD_WINDOW).contains(&self.upload_window) {
+            return Err(err(
+                "upload_window",
+                format!(
+                    "{} is out of range {}..={}",
+                    crate::units::format_bytes(self.upload_window),
+                    crate::units::format_bytes(MIN_UPLOAD_WINDOW),
+                    crate::units::format_bytes(MAX_UPLOAD_WINDOW)
                 ),
             ));
         }
@@ -285,6 +343,7 @@ spool = "/srv/kiln"
         let c = parse_agent_config(TEXT).unwrap();
         assert_eq!(c.poll_interval.as_secs(), 5);
         assert_eq!(c.disk, "auto");
+        assert_eq!(c.upload_window, 32 << 20);
         assert_eq!(c.servers[0].user, "kiln");
         assert!(
             !format!("{c:?}").contains("AAAAC3"),
@@ -303,6 +362,8 @@ spool = "/srv/kiln"
         assert_eq!(c.disk, "/dev/vda");
         assert!(c.debug);
         assert_eq!(c.servers[0].address, "10.0.2.2:2200");
+        c.apply_cmdline("kiln.upload_window=64MiB").unwrap();
+        assert_eq!(c.upload_window, 64 << 20);
         assert_eq!(
             c.servers[1].host_key,
             "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG x"
@@ -320,6 +381,17 @@ spool = "/srv/kiln"
         let mut c = parse_agent_config(TEXT).unwrap();
         let e = c.apply_cmdline("kiln.server.3.address=x:1").unwrap_err();
         assert_eq!(e.field, "kiln.server.3.address");
+        let e = c.apply_cmdline("kiln.upload_window=1MiB").unwrap_err();
+        assert_eq!(e.field, "upload_window");
+        assert!(e.problem.contains("out of range"), "{e}");
+        let mut c = parse_agent_config(TEXT).unwrap();
+        let e = c.apply_cmdline("kiln.upload_window=lots").unwrap_err();
+        assert_eq!(e.field, "kiln.upload_window");
+        let e = parse_agent_config(&format!("upload_window = \"rest\"\n{TEXT}")).unwrap_err();
+        assert_eq!(e.field, "upload_window");
+        let c = parse_agent_config(&format!("upload_window = \"128MiB\"\n{TEXT}")).unwrap();
+        assert_eq!(c.upload_window, 128 << 20);
+        let mut c = parse_agent_config(TEXT).unwrap();
         let e = c.apply_cmdline("kiln.colour=red").unwrap_err();
         assert!(e.problem.contains("unknown key"), "{e}");
     }
