@@ -328,7 +328,8 @@ impl RawSftp {
         self.extended("lsetstat@openssh.com", f)
     }
 
-    /// `copy-data`: the server copies `len` bytes between two open handles.
+    /// `copy-data`: the server copies `len` bytes (0: up to the end)
+    /// between two open handles.
     pub fn copy_data(&mut self, from: &Handle, len: u64, to: &Handle) -> Result<Reply<()>> {
         let f = Fields::default()
             .string(&from.0)

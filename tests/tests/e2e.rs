@@ -1,21 +1,25 @@
 //! kiln end to end, as a technician meets it: VMs PXE-boot through iPXE and
 //! QEMU's TFTP into the initramfs whose /init is kiln-agent, claim jobs from
 //! a spool that OpenSSH's sshd serves on 127.0.0.1 (10.0.2.2 from the
-//! guests), build on their virtio disks and upload; `kiln-master reap`
-//! publishes the verified images; and a published image boots in a fresh VM.
+//! guests) as set up by `kiln-master init --agent-user` and `agent-key`
+//! (agents log in as the agents' account, chrooted, SFTP only), build on
+//! their virtio disks and upload; `kiln-master reap` publishes the verified
+//! images; and a published image boots in a fresh VM.
 //!
 //! The scenarios run one at a time: under TCG every VM keeps a core busy.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use kiln_e2e::binaries::kiln_agent_musl;
+use kiln_e2e::job_server::{JobServer, AGENT_USER};
 use kiln_e2e::kernel::{kernel, repo_root};
 use kiln_e2e::pxe::{pxe_dir, BOOT_SCRIPT};
-use kiln_e2e::qemu::{create_disk, skip_without_qemu, DiskFormat, Qemu, Vm};
-use kiln_e2e::sshd::{keygen, skip_without_sshd, TestSshd};
+use kiln_e2e::qemu::{create_disk, require_qemu, DiskFormat, Qemu, Vm};
+use kiln_e2e::sshd::{keygen, require_sshd};
 use kiln_e2e::wait::wait_until;
 use kiln_initramfs::config::ExtraFile;
 use kiln_initramfs::Config;
@@ -25,7 +29,6 @@ use kiln_spool::time::Timestamp;
 use kiln_spool::upload::{IMAGE_FILE, MANIFEST, PUBLISHED};
 use kiln_spool::LocalSpool;
 
-const MUSL: &str = "x86_64-unknown-linux-musl";
 /// From PXE to a published image, on a loaded 2-core machine under TCG.
 const BUILD_TIMEOUT: Duration = Duration::from_secs(600);
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
@@ -43,11 +46,10 @@ fn one_at_a_time() -> MutexGuard<'static, ()> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// True (after a loud message) when a tool the scenarios need is missing.
-fn skip() -> bool {
-    if skip_without_qemu() || skip_without_sshd() {
-        return true;
-    }
+/// Fails, naming the package, when a tool the scenarios need is missing.
+fn require_tools() {
+    require_qemu();
+    require_sshd();
     for (tool, package) in [("zstd", "zstd"), ("tar", "tar")] {
         let found = Command::new(tool)
             .arg("--version")
@@ -55,73 +57,28 @@ fn skip() -> bool {
             .stderr(Stdio::null())
             .status()
             .is_ok_and(|s| s.success());
-        if !found {
-            eprintln!("SKIP: {tool} is missing (install {package})");
-            return true;
-        }
-    }
-    if !Path::new("/bin/busybox").exists() {
-        eprintln!("SKIP: /bin/busybox is missing (install busybox-static)");
-        return true;
-    }
-    false
-}
-
-/// The static agent (the initramfs's /init) and the master CLI.
-struct Binaries {
-    agent: PathBuf,
-    master: PathBuf,
-}
-
-fn binaries() -> &'static Binaries {
-    static BINARIES: OnceLock<Binaries> = OnceLock::new();
-    BINARIES.get_or_init(|| build_binaries().unwrap_or_else(|e| panic!("{e:#}")))
-}
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target"))
-}
-
-fn cargo(args: &[&str]) -> Result<()> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(&cargo)
-        .args(args)
-        .current_dir(repo_root())
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {cargo} {}", args.join(" ")))?;
-    if !out.status.success() {
-        bail!(
-            "{cargo} {} failed:\n{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
+        assert!(
+            found,
+            "{tool} is missing: scripts/install-deps.sh installs {package}"
         );
     }
-    Ok(())
+    assert!(
+        Path::new("/bin/busybox").exists(),
+        "/bin/busybox is missing: scripts/install-deps.sh installs busybox-static"
+    );
 }
 
-/// Builds the musl agent (`KILN_AGENT` names a ready one instead) and kiln-master.
-fn build_binaries() -> Result<Binaries> {
-    let agent = match std::env::var_os("KILN_AGENT") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            cargo(&["build", "--release", "--target", MUSL, "-p", "kiln-agent"])?;
-            target_dir().join(MUSL).join("release/kiln-agent")
-        }
-    };
-    cargo(&["build", "-p", "kiln-master"])?;
-    Ok(Binaries {
-        agent,
-        master: target_dir().join("debug/kiln-master"),
-    })
+/// The static agent, the initramfs's /init (built once).
+fn agent() -> PathBuf {
+    kiln_agent_musl().unwrap_or_else(|e| panic!("{e:#}"))
 }
 
-/// A job server with its spool, and the initramfs that points agents at it.
+/// A job server with its spool, set up by `kiln-master init --agent-user`
+/// and `agent-key`, and the initramfs that points agents at it: they log
+/// in as the agents' account with agent-key's key.
 struct Rig {
     dir: tempfile::TempDir,
-    sshd: TestSshd,
+    server: JobServer,
     spool: PathBuf,
     initramfs: PathBuf,
     last_line: Mutex<String>,
@@ -129,41 +86,43 @@ struct Rig {
 
 impl Rig {
     fn new(name: &str) -> Result<Self> {
-        let bins = binaries();
         let dir = tempfile::Builder::new()
             .prefix(&format!("kiln-e2e-{name}."))
             .tempdir()
             .context("creating the scenario's directory")?;
-        let sshd = TestSshd::start()?;
-        let spool = dir.path().join("spool");
+        let server = JobServer::start()?;
         let rig = Rig {
             initramfs: dir.path().join("initramfs.img"),
+            spool: server.spool().to_path_buf(),
             dir,
-            sshd,
-            spool,
+            server,
             last_line: Mutex::new(String::new()),
         };
-        rig.master(&["init"])?;
+        // The guests reach the host's 127.0.0.1 as 10.0.2.2.
+        let login = rig
+            .server
+            .agent_server_at(&format!("10.0.2.2:{}", rig.server.sshd().port()));
+        assert_eq!(login.user, AGENT_USER);
         let config = rig.dir.path().join("agent.toml");
         std::fs::write(
             &config,
             format!(
                 "poll_interval = \"2s\"\ndisk = \"auto\"\n\n[[servers]]\n\
-                 address = \"10.0.2.2:{port}\"\nuser = \"{user}\"\n\
+                 address = \"{address}\"\nuser = \"{user}\"\n\
                  key = \"/etc/kiln/agent_key\"\nhost_key = \"{host_key}\"\nspool = \"{spool}\"\n",
-                port = rig.sshd.port(),
-                user = rig.sshd.user(),
-                host_key = rig.sshd.host_key_line(),
-                spool = rig.spool.display(),
+                address = login.address,
+                user = login.user,
+                host_key = login.host_key,
+                spool = login.spool,
             ),
         )?;
         let k = kernel()?;
         let spec = Config {
-            agent: Some(bins.agent.clone()),
+            agent: Some(agent()),
             agent_config: Some(config),
             kernel_modules: Some(k.modules.clone()),
             files: vec![ExtraFile {
-                src: rig.sshd.client_key(),
+                src: rig.server.agent_key(),
                 dest: "/etc/kiln/agent_key".into(),
                 mode: 0o600,
             }],
@@ -180,24 +139,7 @@ impl Rig {
 
     /// Runs `kiln-master --spool SPOOL ARGS`; returns its output.
     fn master(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new(&binaries().master)
-            .arg("--spool")
-            .arg(&self.spool)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .context("running kiln-master")?;
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        if !out.status.success() {
-            bail!(
-                "kiln-master {} failed ({}): {}{}",
-                args.join(" "),
-                out.status,
-                stdout,
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(stdout)
+        self.server.master(args)
     }
 
     fn add_payload(&self, file: &Path) -> Result<()> {
@@ -315,8 +257,7 @@ impl Rig {
                     v.id,
                     v.state.as_str(),
                     v.phase
-                        .as_deref()
-                        .map(|p| format!(" ({p})"))
+                        .map(|p| format!(" ({})", p.as_str()))
                         .unwrap_or_default()
                 )
             })
@@ -397,9 +338,7 @@ fn image_initrd(dir: &Path) -> Result<PathBuf> {
 
 #[test]
 fn a_pxe_booted_machine_builds_and_uploads_and_the_published_image_boots() {
-    if skip() {
-        return;
-    }
+    require_tools();
     let _one = one_at_a_time();
     let rig = Rig::new("deploy").unwrap();
     rig.add_payload(&rig.os_payload().unwrap()).unwrap();
@@ -491,7 +430,7 @@ time_limit = "2m"
         assert!(images.join(f).is_file(), "images/deploy/{f} is missing");
     }
     assert_eq!(rig.history("deploy").unwrap().agent, "builder");
-    let verify = Command::new(&binaries().agent)
+    let verify = Command::new(agent())
         .arg("verify")
         .arg(images.join(IMAGE_FILE))
         .arg("--manifest")
@@ -552,9 +491,7 @@ time_limit = "2m"
 
 #[test]
 fn two_machines_take_three_jobs_by_priority_each_once() {
-    if skip() {
-        return;
-    }
+    require_tools();
     let _one = one_at_a_time();
     let rig = Rig::new("priorities").unwrap();
     rig.add_payload(&rig.os_payload().unwrap()).unwrap();
@@ -614,9 +551,7 @@ fn two_machines_take_three_jobs_by_priority_each_once() {
 
 #[test]
 fn a_payload_that_fails_its_hash_fails_the_job_and_the_machine_goes_on() {
-    if skip() {
-        return;
-    }
+    require_tools();
     let _one = one_at_a_time();
     let rig = Rig::new("bad-job").unwrap();
     rig.add_payload(&rig.os_payload().unwrap()).unwrap();
@@ -668,9 +603,7 @@ fn a_payload_that_fails_its_hash_fails_the_job_and_the_machine_goes_on() {
 
 #[test]
 fn fatal_errors_are_explained_then_reboot_or_keep_a_rescue_shell() {
-    if skip() {
-        return;
-    }
+    require_tools();
     let _one = one_at_a_time();
     let rig = Rig::new("fatal").unwrap();
 
