@@ -1,19 +1,26 @@
 #!/usr/bin/env bash
-# The demo, end to end on this machine: a job server (OpenSSH's sshd on
-# 127.0.0.1 with keys made here) holding a spool under demo/, the sample job
-# queued, one QEMU VM that PXE-boots kiln's minimal OS, builds the job and
-# uploads the image, the master publishing it, and the image booting in a
-# fresh VM. Prints what it did and how long each phase took.
+# The demo, end to end on this machine: a job server set up as the README
+# sets one up (kiln-master init --agent-user, agent-key, OpenSSH's sshd on
+# 127.0.0.1 with agent-key's drop-in), the sample job queued, one QEMU VM
+# that PXE-boots kiln's minimal OS, logs in as the agents' account, builds
+# the job and uploads the image, the master publishing it, and the image
+# booting in a fresh VM. Prints what it did and how long each phase took.
 #
-#   scripts/demo.sh            (make demo installs the packages first)
+#   scripts/demo.sh            (as root; make demo installs the packages first)
 #
 # KILN_QEMU_ACCEL=kvm uses KVM instead of TCG; KILN_DEMO_TIMEOUT (seconds,
-# default 900) bounds the build.
+# default 900) bounds the build. The job server lives in $KILN_DEMO_SERVER
+# (default /run/kiln-demo): sshd chroots agents into its server/, which must be
+# root's and writable by nobody else all the way up, so not under /tmp or a
+# home directory. Logs, disks and the initramfs go to demo/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
 demo=$repo/demo
-spool=$demo/spool
+base=${KILN_DEMO_SERVER:-/run/kiln-demo}
+spool=$base/server/spool
+keys=$base/keys
+agent_user=kiln-agent
 musl=x86_64-unknown-linux-musl
 target=${CARGO_TARGET_DIR:-$repo/target}
 accel=${KILN_QEMU_ACCEL:-tcg}
@@ -62,29 +69,30 @@ kver=$(cat "$kdir/version")
 echo "kernel $kver at $kdir"
 done_phase "kernel"
 
-rm -rf "$demo"
+rm -rf "$demo" "$base"
 mkdir -p "$demo/sshd"
+install -d -m 0755 "$base"
 
-step "start a job server: sshd on 127.0.0.1 with generated keys"
+step "set up a job server: the spool, the agents' account, their key and sshd's drop-in"
+master init --agent-user "$agent_user"
+master agent-key --out "$keys" --agent-user "$agent_user" | grep -E '^(wrote|sshd -t)'
+# An sshd of its own on 127.0.0.1 (the host's stays as it is), with the
+# drop-in included first, as Debian's sshd_config includes sshd_config.d/*.conf.
 ssh-keygen -q -t ed25519 -N '' -C kiln-demo-host -f "$demo/sshd/host_key"
-ssh-keygen -q -t ed25519 -N '' -C kiln-demo-agent -f "$demo/sshd/agent_key"
-cp "$demo/sshd/agent_key.pub" "$demo/sshd/authorized_keys"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])' 2>/dev/null || echo 2222)
-user=$(id -un)
 mkdir -p /run/sshd
 cat >"$demo/sshd/sshd_config" <<EOF
+Include $keys/kiln-agents.conf
 ListenAddress 127.0.0.1:$port
 HostKey $demo/sshd/host_key
 PidFile $demo/sshd/sshd.pid
-AuthorizedKeysFile $demo/sshd/authorized_keys
-AllowUsers $user
-StrictModes no
+AllowUsers $agent_user
 UsePAM no
-PermitRootLogin prohibit-password
 PasswordAuthentication no
 KbdInteractiveAuthentication no
 Subsystem sftp internal-sftp
 EOF
+/usr/sbin/sshd -t -f "$demo/sshd/sshd_config" || die "sshd -t refuses $demo/sshd/sshd_config"
 /usr/sbin/sshd -D -e -f "$demo/sshd/sshd_config" 2>"$demo/sshd/sshd.log" &
 pids+=($!)
 for _ in $(seq 50); do
@@ -95,8 +103,7 @@ done
 echo "sshd on 127.0.0.1:$port (the VM reaches it as 10.0.2.2:$port), host key $(ssh-keygen -lf "$demo/sshd/host_key.pub" | awk '{print $2}')"
 done_phase "job server"
 
-step "make the spool $spool and queue the sample job"
-master init
+step "queue the sample job in $spool"
 tests/scripts/make-os-payload.sh "$demo/sample-root.tar"
 master payload add "$demo/sample-root.tar"
 master add examples/jobs/sample.toml
@@ -110,10 +117,10 @@ disk = "auto"
 
 [[servers]]
 address = "10.0.2.2:$port"
-user = "$user"
+user = "$agent_user"
 key = "/etc/kiln/agent_key"
 host_key = "$(cat "$demo/sshd/host_key.pub")"
-spool = "$spool"
+spool = "/spool"
 EOF
 cat >"$demo/initramfs.toml" <<EOF
 agent = "$agent_bin"
@@ -121,7 +128,7 @@ agent_config = "agent.toml"
 kernel_modules = "$kdir/lib/modules/$kver"
 
 [[files]]
-src = "sshd/agent_key"
+src = "$keys/kiln-agent"
 dest = "/etc/kiln/agent_key"
 mode = 0o600
 EOF
@@ -204,17 +211,20 @@ done_phase "boot the image"
 
 cat <<MSG
 
-What this did: started sshd on 127.0.0.1:$port as the job server, made the
-spool $spool with the sample job, PXE-booted a VM into kiln's minimal OS
-(kernel $kver, $demo/initramfs.img), which claimed the job over SFTP, built
-it on its virtio disk and uploaded the image; the master verified and
-published it; then the image booted in a fresh VM as host kiln-sample.
+What this did: made the spool $spool with kiln-master init
+--agent-user $agent_user, the agents' key and sshd drop-in with kiln-master
+agent-key ($keys), started sshd on 127.0.0.1:$port with it as the job server,
+queued the sample job, PXE-booted a VM into kiln's minimal OS (kernel $kver,
+$demo/initramfs.img), which logged in as $agent_user (chrooted, SFTP only),
+claimed the job, built it on its virtio disk and uploaded the image; the
+master verified and published it; then the image booted in a fresh VM as
+host kiln-sample.
 
   image:     $image
   manifest:  $manifest
   job log:   $spool/images/sample/job.log
   watch the spool in the TUI:
-    $master_bin --spool demo/spool tui
+    $master_bin --spool $spool tui
 
 Time per phase:
 MSG
