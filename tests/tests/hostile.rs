@@ -267,10 +267,18 @@ fn was_refused<T>(what: &str, r: anyhow::Result<Reply<T>>) -> Held {
     }
 }
 
-fn all_refused(tries: Vec<(String, anyhow::Result<Reply<()>>)>) -> Held {
+/// One request of an attack: what it was and how the server answered.
+struct Try(String, anyhow::Result<Reply<()>>);
+
+fn t(what: impl Into<String>, r: anyhow::Result<Reply<()>>) -> Try {
+    Try(what.into(), r)
+}
+
+/// `Ok` if the server refused every one of `tries`.
+fn all_refused(tries: Vec<Try>) -> Held {
     let failed: Vec<String> = tries
         .into_iter()
-        .filter_map(|(what, r)| was_refused(&what, r).err())
+        .filter_map(|Try(what, r)| was_refused(&what, r).err())
         .collect();
     if failed.is_empty() {
         Ok(())

@@ -6,16 +6,13 @@ use super::*;
 pub fn overwrite_job_list(c: &mut Ctx) -> Held {
     let evil = b"[[job]]\nid = \"evil\"\n";
     all_refused(vec![
-        (
-            "truncate and write".into(),
+        t(
+            "truncate and write",
             c.raw.put(&sp("jobs.toml"), TRUNC, evil),
         ),
-        (
-            "write in place".into(),
-            c.raw.put(&sp("jobs.toml"), 0, evil),
-        ),
-        (
-            "append".into(),
+        t("write in place", c.raw.put(&sp("jobs.toml"), 0, evil)),
+        t(
+            "append",
             c.raw
                 .put(&sp("jobs.toml"), kiln_e2e::raw_sftp::APPEND, evil),
         ),
@@ -26,12 +23,12 @@ pub fn replace_job_list(c: &mut Ctx) -> Held {
     let from = format!("{S}/status/evil-list.toml");
     put_new(&mut c.raw, &from, b"[[job]]\nid = \"evil\"\n")?;
     let r = all_refused(vec![
-        (
-            "posix-rename over jobs.toml".into(),
+        t(
+            "posix-rename over jobs.toml",
             c.raw.posix_rename(&from, &sp("jobs.toml")),
         ),
-        (
-            "rename over jobs.toml".into(),
+        t(
+            "rename over jobs.toml",
             c.raw.rename(&from, &sp("jobs.toml")),
         ),
     ]);
@@ -41,13 +38,13 @@ pub fn replace_job_list(c: &mut Ctx) -> Held {
 
 pub fn remove_job_list(c: &mut Ctx) -> Held {
     all_refused(vec![
-        ("delete".into(), c.raw.remove(&sp("jobs.toml"))),
-        (
-            "rename".into(),
+        t("delete", c.raw.remove(&sp("jobs.toml"))),
+        t(
+            "rename",
             c.raw.rename(&sp("jobs.toml"), &sp("status/stolen.toml")),
         ),
-        (
-            "posix-rename".into(),
+        t(
+            "posix-rename",
             c.raw
                 .posix_rename(&sp("jobs.toml"), &sp("status/stolen.toml")),
         ),
@@ -59,16 +56,16 @@ pub fn rewrite_job_file(c: &mut Ctx) -> Held {
     let from = format!("{S}/status/evil-job.toml");
     put_new(&mut c.raw, &from, evil)?;
     let r = all_refused(vec![
-        (
-            "truncate and write".into(),
+        t(
+            "truncate and write",
             c.raw.put(&sp("jobs/victim.toml"), TRUNC, evil),
         ),
-        (
-            "write in place".into(),
+        t(
+            "write in place",
             c.raw.put(&sp("jobs/victim.toml"), 0, evil),
         ),
-        (
-            "posix-rename over it".into(),
+        t(
+            "posix-rename over it",
             c.raw.posix_rename(&from, &sp("jobs/victim.toml")),
         ),
     ]);
@@ -78,13 +75,13 @@ pub fn rewrite_job_file(c: &mut Ctx) -> Held {
 
 pub fn remove_job_file(c: &mut Ctx) -> Held {
     all_refused(vec![
-        ("delete".into(), c.raw.remove(&sp("jobs/victim.toml"))),
-        (
-            "rename".into(),
+        t("delete", c.raw.remove(&sp("jobs/victim.toml"))),
+        t(
+            "rename",
             c.raw.rename(&sp("jobs/victim.toml"), &sp("jobs/gone.toml")),
         ),
-        (
-            "rename out".into(),
+        t(
+            "rename out",
             c.raw
                 .rename(&sp("jobs/victim.toml"), &sp("status/victim.toml")),
         ),
@@ -96,15 +93,12 @@ pub fn add_evil_job(c: &mut Ctx) -> Held {
     let from = format!("{S}/status/evil.toml");
     put_new(&mut c.raw, &from, evil)?;
     let r = all_refused(vec![
-        (
-            "create".into(),
+        t(
+            "create",
             c.raw.put(&sp("jobs/evil.toml"), CREAT | EXCL, evil),
         ),
-        (
-            "rename in".into(),
-            c.raw.rename(&from, &sp("jobs/evil.toml")),
-        ),
-        ("mkdir".into(), c.raw.mkdir(&sp("jobs/evil"))),
+        t("rename in", c.raw.rename(&from, &sp("jobs/evil.toml"))),
+        t("mkdir", c.raw.mkdir(&sp("jobs/evil"))),
     ]);
     let _ = c.raw.remove(&from);
     r
@@ -113,20 +107,20 @@ pub fn add_evil_job(c: &mut Ctx) -> Held {
 pub fn tamper_payload(c: &mut Ctx) -> Held {
     let p = format!("{S}/payloads/{PAYLOAD}");
     all_refused(vec![
-        ("truncate and write".into(), c.raw.put(&p, TRUNC, b"evil")),
-        ("write in place".into(), c.raw.put(&p, 0, b"evil")),
-        ("delete".into(), c.raw.remove(&p)),
-        ("rename".into(), c.raw.rename(&p, &sp("payloads/old.tar"))),
+        t("truncate and write", c.raw.put(&p, TRUNC, b"evil")),
+        t("write in place", c.raw.put(&p, 0, b"evil")),
+        t("delete", c.raw.remove(&p)),
+        t("rename", c.raw.rename(&p, &sp("payloads/old.tar"))),
     ])
 }
 
 pub fn add_payload(c: &mut Ctx) -> Held {
     all_refused(vec![
-        (
-            "create".into(),
+        t(
+            "create",
             c.raw.put(&sp("payloads/evil.tar"), CREAT | EXCL, b"evil"),
         ),
-        ("mkdir".into(), c.raw.mkdir(&sp("payloads/evil"))),
+        t("mkdir", c.raw.mkdir(&sp("payloads/evil"))),
     ])
 }
 
@@ -136,24 +130,18 @@ pub fn read_images(c: &mut Ctx) -> Held {
         .raw
         .get(&format!("{S}/images/old/{IMAGE_FILE}"), 1 << 20)
         .map(|r| r.map(|_| ()));
-    all_refused(vec![
-        ("list images/".into(), list),
-        ("read an image".into(), read),
-    ])
+    all_refused(vec![t("list images/", list), t("read an image", read)])
 }
 
 pub fn write_images(c: &mut Ctx) -> Held {
     all_refused(vec![
-        (
-            "mkdir images/victim".into(),
-            c.raw.mkdir(&sp("images/victim")),
-        ),
-        (
-            "overwrite an image".into(),
+        t("mkdir images/victim", c.raw.mkdir(&sp("images/victim"))),
+        t(
+            "overwrite an image",
             c.raw
                 .put(&format!("{S}/images/old/{IMAGE_FILE}"), TRUNC, b"evil"),
         ),
-        ("remove an image".into(), c.raw.rmdir(&sp("images/old"))),
+        t("remove an image", c.raw.rmdir(&sp("images/old"))),
     ])
 }
 
@@ -169,12 +157,9 @@ pub fn plant_publication(c: &mut Ctx) -> Held {
     };
     let text = toml::to_string(&record).expect("a record serializes");
     all_refused(vec![
-        (
-            "mkdir images/victim".into(),
-            c.raw.mkdir(&sp("images/victim")),
-        ),
-        (
-            "write images/victim/published.toml".into(),
+        t("mkdir images/victim", c.raw.mkdir(&sp("images/victim"))),
+        t(
+            "write images/victim/published.toml",
             c.raw
                 .put(&sp("images/victim/published.toml"), CREAT, text.as_bytes()),
         ),
@@ -188,10 +173,10 @@ pub fn touch_history(c: &mut Ctx) -> Held {
         .get(&sp("history/old.toml"), 1 << 20)
         .map(|r| r.map(|_| ()));
     all_refused(vec![
-        ("list history/".into(), list),
-        ("read history/old.toml".into(), read),
-        (
-            "write history/victim.toml".into(),
+        t("list history/", list),
+        t("read history/old.toml", read),
+        t(
+            "write history/victim.toml",
             c.raw.put(&sp("history/victim.toml"), CREAT, b"evil"),
         ),
     ])
@@ -200,29 +185,23 @@ pub fn touch_history(c: &mut Ctx) -> Held {
 pub fn read_master_dir(c: &mut Ctx) -> Held {
     let list = c.raw.list(&sp("master")).map(|r| r.map(|_| ()));
     let read = c.raw.get(&sp("master/lock"), 1024).map(|r| r.map(|_| ()));
-    all_refused(vec![
-        ("list master/".into(), list),
-        ("read master/lock".into(), read),
-    ])
+    all_refused(vec![t("list master/", list), t("read master/lock", read)])
 }
 
 pub fn remove_master_lock(c: &mut Ctx) -> Held {
     all_refused(vec![
-        (
-            "delete master/lock".into(),
-            c.raw.remove(&sp("master/lock")),
-        ),
-        (
-            "overwrite master/lock".into(),
+        t("delete master/lock", c.raw.remove(&sp("master/lock"))),
+        t(
+            "overwrite master/lock",
             c.raw.put(&sp("master/lock"), TRUNC, b""),
         ),
-        (
-            "rename master/".into(),
+        t(
+            "rename master/",
             c.raw.rename(&sp("master"), &sp("status/master")),
         ),
-        ("rmdir master/".into(), c.raw.rmdir(&sp("master"))),
-        (
-            "plant the old lock".into(),
+        t("rmdir master/", c.raw.rmdir(&sp("master"))),
+        t(
+            "plant the old lock",
             c.raw.put(&sp(".master.lock"), CREAT, b""),
         ),
     ])
@@ -233,36 +212,30 @@ pub fn remove_spool_dirs(c: &mut Ctx) -> Held {
     for d in [
         "jobs", "payloads", "leases", "status", "incoming", "logs", "images", "history",
     ] {
-        tries.push((format!("rmdir {d}/"), c.raw.rmdir(&format!("{S}/{d}"))));
-        tries.push((
+        tries.push(t(format!("rmdir {d}/"), c.raw.rmdir(&format!("{S}/{d}"))));
+        tries.push(t(
             format!("rename {d}/"),
             c.raw.rename(&format!("{S}/{d}"), &format!("{S}/{d}.old")),
         ));
     }
-    tries.push(("rename the spool".into(), c.raw.rename(S, "/spool.old")));
+    tries.push(t("rename the spool", c.raw.rename(S, "/spool.old")));
     all_refused(tries)
 }
 
 pub fn make_top_level_entries(c: &mut Ctx) -> Held {
     all_refused(vec![
-        ("mkdir in the spool".into(), c.raw.mkdir(&sp("evil"))),
-        (
-            "file in the spool".into(),
+        t("mkdir in the spool", c.raw.mkdir(&sp("evil"))),
+        t(
+            "file in the spool",
             c.raw.put(&sp("evil.toml"), CREAT, b"evil"),
         ),
-        ("mkdir in the chroot".into(), c.raw.mkdir("/evil")),
-        (
-            "file in the chroot".into(),
-            c.raw.put("/evil", CREAT, b"evil"),
-        ),
-        (
-            "write the chroot's canary".into(),
+        t("mkdir in the chroot", c.raw.mkdir("/evil")),
+        t("file in the chroot", c.raw.put("/evil", CREAT, b"evil")),
+        t(
+            "write the chroot's canary",
             c.raw.put("/canary/file", TRUNC, b"evil"),
         ),
-        (
-            "delete the chroot's canary".into(),
-            c.raw.remove("/canary/file"),
-        ),
+        t("delete the chroot's canary", c.raw.remove("/canary/file")),
     ])
 }
 
@@ -275,10 +248,10 @@ pub fn remove_master_lease(c: &mut Ctx) -> Held {
         lease("masterlease", "evil").to_toml().as_bytes(),
     )?;
     let r = all_refused(vec![
-        ("delete".into(), c.raw.remove(&p)),
-        ("rename".into(), c.raw.rename(&p, &sp("leases/gone"))),
-        ("overwrite".into(), c.raw.put(&p, TRUNC, b"evil")),
-        ("posix-rename over it".into(), c.raw.posix_rename(&from, &p)),
+        t("delete", c.raw.remove(&p)),
+        t("rename", c.raw.rename(&p, &sp("leases/gone"))),
+        t("overwrite", c.raw.put(&p, TRUNC, b"evil")),
+        t("posix-rename over it", c.raw.posix_rename(&from, &p)),
     ]);
     let _ = c.raw.remove(&from);
     r
@@ -318,11 +291,11 @@ pub fn make_symlinks(c: &mut Ctx) -> Held {
     ] {
         let link = format!("{S}/{link}");
         // OpenSSH reads the two paths in the reverse of the draft's order.
-        tries.push((
+        tries.push(t(
             format!("symlink {link} -> {target}"),
             c.raw.symlink(target, &link),
         ));
-        tries.push((
+        tries.push(t(
             format!("symlink {link} -> {target} (draft order)"),
             c.raw.symlink(&link, target),
         ));
@@ -340,7 +313,7 @@ pub fn make_hard_links(c: &mut Ctx) -> Held {
         ("status/own.toml", "status/own-link.toml"),
         ("leases/victim", "status/hard.toml"),
     ] {
-        tries.push((
+        tries.push(t(
             format!("hardlink {link} -> {existing}"),
             c.raw
                 .hardlink(&format!("{S}/{existing}"), &format!("{S}/{link}")),
@@ -371,20 +344,17 @@ pub fn change_attributes(c: &mut Ctx) -> Held {
     let own = format!("{S}/status/own.toml");
     put_new(&mut c.raw, &own, b"mine")?;
     let mut tries = vec![
-        ("setstat own file 04777".into(), c.raw.setstat(&own, 0o4777)),
-        ("lsetstat own file 0777".into(), c.raw.lsetstat(&own, 0o777)),
-        (
-            "setstat leases/ 0777".into(),
-            c.raw.setstat(&sp("leases"), 0o777),
-        ),
-        (
-            "setstat jobs.toml 0666".into(),
+        t("setstat own file 04777", c.raw.setstat(&own, 0o4777)),
+        t("lsetstat own file 0777", c.raw.lsetstat(&own, 0o777)),
+        t("setstat leases/ 0777", c.raw.setstat(&sp("leases"), 0o777)),
+        t(
+            "setstat jobs.toml 0666",
             c.raw.setstat(&sp("jobs.toml"), 0o666),
         ),
     ];
     match c.raw.open_file(&own, WRITE) {
         Ok(Ok(h)) => {
-            tries.push(("fsetstat own file 0777".into(), c.raw.fsetstat(&h, 0o777)));
+            tries.push(t("fsetstat own file 0777", c.raw.fsetstat(&h, 0o777)));
             let _ = c.raw.close(&h);
         }
         other => return Err(format!("opening {own}: {other:?}")),
@@ -515,7 +485,7 @@ pub fn read_by_traversal(c: &mut Ctx) -> Held {
         "/etc/ssh/ssh_host_ed25519_key",
         climb.as_str(),
     ] {
-        tries.push((
+        tries.push(t(
             format!("read {p}"),
             c.raw.get(p, 1 << 20).map(|r| r.map(|_| ())),
         ));
@@ -537,8 +507,8 @@ pub fn write_by_traversal(c: &mut Ctx) -> Held {
         "../canary/evil".to_string(),
         format!("{S}/../evil"),
     ] {
-        tries.push((format!("write {p}"), c.raw.put(&p, CREAT, b"escaped")));
-        tries.push((format!("mkdir {p}.d"), c.raw.mkdir(&format!("{p}.d"))));
+        tries.push(t(format!("write {p}"), c.raw.put(&p, CREAT, b"escaped")));
+        tries.push(t(format!("mkdir {p}.d"), c.raw.mkdir(&format!("{p}.d"))));
     }
     all_refused(tries)
 }
