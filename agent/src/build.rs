@@ -22,7 +22,11 @@ use crate::error::{check_abort, Context, Error, Result};
 use crate::joblog::JobLog;
 use crate::payload::{apply_payload, check_payloads, payload_path};
 use crate::progress::{Event, EventKind, Phase};
-use crate::steps::{run_step, PseudoMounts};
+use crate::boot;
+use crate::chroot::{Target, TargetDisk};
+use crate::generalize::generalize;
+use crate::initramfs;
+use crate::steps::run_step;
 use crate::tree::Tree;
 
 /// Everything one build needs.
@@ -318,30 +322,43 @@ fn destructive(
             Ok(())
         })?;
         check_abort(abort)?;
+        let mut target = Target::new(
+            &root_dir,
+            TargetDisk::new(dev, disk_plan, &nodes, &ids, log),
+        );
         phases.run(Phase::Configure, |_| {
-            let tree = Tree::open(&root_dir).ctx(|| format!("opening {}", root_dir.display()))?;
+            let tree = target.tree()?;
+            let initramfs_before = initramfs::Inputs::read(&tree);
             let days = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() / 86400);
-            configure(&tree, &job.configure, &fs_entries, &job.id, days)
+            configure(&tree, &job.configure, &fs_entries, &job.id, days)?;
+            if let Some(boot) = &job.boot {
+                boot::check_loader(&tree, boot.firmware)?;
+            }
+            initramfs::refresh_if_needed(&mut target, &initramfs_before, &job.id, log, abort)?;
+            if let Some(boot) = &job.boot {
+                boot::install_loader(boot, &mut target, &job.id, log, abort)?;
+            }
+            Ok(())
         })?;
         phases.run(Phase::Steps, |ev| {
-            let needs_pseudo = job
-                .steps
-                .iter()
-                .any(|s| s.place == kiln_spool::job::StepPlace::Target);
-            let _pseudo = if needs_pseudo {
-                Some(PseudoMounts::new(&root_dir)?)
-            } else {
-                None
-            };
+            let env = target.disk().step_env();
             for (i, s) in job.steps.iter().enumerate() {
                 check_abort(abort)?;
                 ev(&Event {
                     phase: Phase::Steps,
                     kind: EventKind::Message(format!("{} ({}/{})", s.name, i + 1, job.steps.len())),
                 });
-                run_step(s, &root_dir, &job.id, log, abort)?;
+                if s.place == kiln_spool::job::StepPlace::Target {
+                    target.enter(log)?;
+                }
+                run_step(s, &root_dir, target.entered(), &env, &job.id, log, abort)?;
+            }
+            target.leave()?;
+            if job.image.generalize {
+                let tree = target.tree()?;
+                generalize(&tree, log)?;
             }
             Ok(())
         })?;

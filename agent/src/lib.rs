@@ -5,12 +5,16 @@
 //! [`verify::verify`] work on their own. Callers follow the work through
 //! [`progress::Event`]s and stop it with an abort flag.
 
+pub mod boot;
 pub mod build;
 pub mod capture;
+pub mod chroot;
 pub mod command;
 pub mod configure;
 pub mod disk;
 pub mod error;
+pub mod generalize;
+pub mod initramfs;
 pub mod joblog;
 pub mod payload;
 pub mod pid1;

@@ -1,78 +1,115 @@
-//! The job's steps: `/bin/sh -c` chrooted in the target (with /proc, /sys
-//! and /dev inside) or in the agent with `KILN_TARGET` set. Each has a time
-//! limit; its output goes to the job log line by line.
+//! The job's steps: `/bin/sh -c` chrooted in the entered target (see
+//! [`crate::chroot`]) or in the agent with `KILN_TARGET` set. Each has a
+//! time limit; its output goes to the job log line by line. When a step
+//! ends, whatever it left running in its process group or in the target is
+//! killed, and its output is not waited for past a short grace.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use kiln_spool::job::{Step, StepPlace};
+use kiln_spool::units::TimeLimit;
 
-use crate::disk::mount::Mount;
+use crate::chroot::{kill_processes_in, Chroot};
 use crate::error::{Context, Error, Result};
 use crate::joblog::JobLog;
 
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// /proc, /sys and /dev of the target, mounted while target steps run.
-pub struct PseudoMounts {
-    // Dropped in reverse order of mounting.
-    mounts: Vec<Mount>,
+/// How long a finished step's output readers are waited for: a daemon in
+/// another session may hold the pipes open for ever.
+const OUTPUT_GRACE: Duration = Duration::from_secs(2);
+
+/// Where a script runs.
+pub enum Place<'a> {
+    /// Chrooted into the entered target.
+    Target(&'a Chroot),
+    /// In the agent, with `KILN_TARGET` naming the mounted target.
+    Agent { target: &'a Path },
 }
 
-impl PseudoMounts {
-    pub fn new(target: &Path) -> Result<PseudoMounts> {
-        let mut mounts = Vec::new();
-        for (dir, how) in [("proc", "proc"), ("sys", "sysfs"), ("dev", "bind")] {
-            let at = target.join(dir);
-            std::fs::create_dir_all(&at).ctx(|| format!("creating {}", at.display()))?;
-            let m = if how == "bind" {
-                Mount::bind(Path::new("/dev"), &at)?
-            } else {
-                Mount::new(Path::new(how), &at, how)?
-            };
-            mounts.push(m);
-        }
-        Ok(PseudoMounts { mounts })
-    }
+/// One script to run: a step of the job, or a tool the agent runs in the
+/// target (the loader's installer, the initramfs generator).
+pub struct Script<'a> {
+    /// Shown in the job log and errors, and `KILN_STEP`.
+    pub name: &'a str,
+    pub run: &'a str,
+    pub time_limit: TimeLimit,
+    pub job_id: &'a str,
+    /// Extra environment (`KILN_DISK`, `KILN_ROOT_DEVICE`).
+    pub env: &'a [(String, String)],
 }
 
-impl Drop for PseudoMounts {
-    fn drop(&mut self) {
-        while let Some(m) = self.mounts.pop() {
-            drop(m);
-        }
-    }
-}
-
-/// Runs one step to completion, its time limit or the abort flag.
+/// Runs one step of the job to completion, its time limit or the abort
+/// flag. Target steps need the entered target.
 pub fn run_step(
     step: &Step,
     target: &Path,
+    chroot: Option<&Chroot>,
+    env: &[(String, String)],
     job_id: &str,
     log: &JobLog,
     abort: &AtomicBool,
 ) -> Result<()> {
+    let place = match (step.place, chroot) {
+        (StepPlace::Target, Some(c)) => Place::Target(c),
+        (StepPlace::Target, None) => {
+            return Err(Error::Failed(format!(
+                "step {:?} runs in the target, which is not entered",
+                step.name
+            )))
+        }
+        (StepPlace::Agent, _) => Place::Agent { target },
+    };
+    let script = Script {
+        name: &step.name,
+        run: &step.run,
+        time_limit: step.time_limit,
+        job_id,
+        env,
+    };
+    let st = run_script(&script, &place, log, abort)?;
+    if !st.success() {
+        return Err(Error::Failed(format!("step {:?} failed ({st})", step.name)));
+    }
+    log.line(&format!("step {:?} done", step.name));
+    Ok(())
+}
+
+/// Runs a script and returns its exit status; running over its time limit
+/// or being aborted is an error. Its process group, and for the target
+/// whatever runs in it, is killed when it ends.
+pub fn run_script(
+    script: &Script,
+    place: &Place,
+    log: &JobLog,
+    abort: &AtomicBool,
+) -> Result<ExitStatus> {
     let mut cmd = Command::new("/bin/sh");
     cmd.arg("-c")
-        .arg(&step.run)
+        .arg(script.run)
         .env_clear()
         .env("PATH", PATH)
         .env("HOME", "/root")
-        .env("KILN_JOB", job_id)
-        .env("KILN_STEP", &step.name)
+        .env("LANG", "C.UTF-8")
+        .env("KILN_JOB", script.job_id)
+        .env("KILN_STEP", script.name)
+        .envs(script.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    match step.place {
-        StepPlace::Target => {
+    let chroot_root = match place {
+        Place::Target(c) => {
             let root =
-                std::ffi::CString::new(target.as_os_str().as_encoded_bytes()).map_err(|_| {
-                    Error::Failed(format!("target path {} holds NUL", target.display()))
+                std::ffi::CString::new(c.root().as_os_str().as_encoded_bytes()).map_err(|_| {
+                    Error::Failed(format!("target path {} holds NUL", c.root().display()))
                 })?;
+            cmd.env("DEBIAN_FRONTEND", "noninteractive");
             // SAFETY: between fork and exec only async-signal-safe calls are
             // made (setsid, chroot, chdir).
             unsafe {
@@ -86,8 +123,9 @@ pub fn run_step(
                     Ok(())
                 });
             }
+            Some(c.root())
         }
-        StepPlace::Agent => {
+        Place::Agent { target } => {
             cmd.env("KILN_TARGET", target);
             // SAFETY: setsid is async-signal-safe.
             unsafe {
@@ -98,50 +136,59 @@ pub fn run_step(
                     Ok(())
                 });
             }
+            None
         }
-    }
-    let where_ = match step.place {
-        StepPlace::Target => "chrooted in the target",
-        StepPlace::Agent => "in the agent",
     };
-    log.line(&format!("step {:?} ({where_}): {}", step.name, step.run));
+    let where_ = match place {
+        Place::Target(_) => "chrooted in the target",
+        Place::Agent { .. } => "in the agent",
+    };
+    log.line(&format!(
+        "step {:?} ({where_}): {}",
+        script.name, script.run
+    ));
     let mut child = cmd
         .spawn()
-        .ctx(|| format!("starting step {:?}", step.name))?;
-    let mut readers = Vec::new();
+        .ctx(|| format!("starting step {:?}", script.name))?;
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let mut readers = 0;
     for (stream, tag) in [
         (
             child
                 .stdout
                 .take()
-                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
             "out",
         ),
         (
             child
                 .stderr
                 .take()
-                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
             "err",
         ),
     ] {
         if let Some(s) = stream {
             let log = log.clone();
-            let name = step.name.clone();
-            readers.push(std::thread::spawn(move || {
+            let name = script.name.to_string();
+            let done = done_tx.clone();
+            readers += 1;
+            std::thread::spawn(move || {
                 for line in BufReader::new(s).split(b'\n').map_while(|l| l.ok()) {
                     log.line(&format!("{name} {tag}| {}", String::from_utf8_lossy(&line)));
                 }
-            }));
+                let _ = done.send(());
+            });
         }
     }
-    let limit = step.time_limit.as_duration();
+    drop(done_tx);
+    let limit = script.time_limit.as_duration();
     let deadline = Instant::now() + limit;
     let pgid = child.id() as libc::pid_t;
     let status = loop {
         if let Some(st) = child
             .try_wait()
-            .ctx(|| format!("waiting for step {:?}", step.name))?
+            .ctx(|| format!("waiting for step {:?}", script.name))?
         {
             break Ok(st);
         }
@@ -151,28 +198,31 @@ pub fn run_step(
         if Instant::now() >= deadline {
             break Err(Error::Failed(format!(
                 "step {:?} ran over its time limit of {}",
-                step.name, step.time_limit
+                script.name, script.time_limit
             )));
         }
         std::thread::sleep(Duration::from_millis(20));
     };
+    // Leftover processes of the step must not keep the target busy or hold
+    // its output open.
+    // SAFETY: kill on the step's own process group.
+    unsafe { libc::kill(-pgid, libc::SIGKILL) };
     if status.is_err() {
-        // SAFETY: kill on the step's own process group.
-        unsafe { libc::kill(-pgid, libc::SIGKILL) };
         let _ = child.wait();
-    } else {
-        // Leftover background processes of the step must not keep the
-        // target busy.
-        // SAFETY: as above.
-        unsafe { libc::kill(-pgid, libc::SIGKILL) };
     }
-    for r in readers {
-        let _ = r.join();
+    if let Some(root) = chroot_root {
+        kill_processes_in(root);
     }
-    let st = status?;
-    if !st.success() {
-        return Err(Error::Failed(format!("step {:?} failed ({st})", step.name)));
+    let grace = Instant::now() + OUTPUT_GRACE;
+    for _ in 0..readers {
+        let left = grace.saturating_duration_since(Instant::now());
+        if done_rx.recv_timeout(left).is_err() {
+            log.line(&format!(
+                "step {:?}: a process outside its group still holds its output; not waiting for it",
+                script.name
+            ));
+            break;
+        }
     }
-    log.line(&format!("step {:?} done", step.name));
-    Ok(())
+    status
 }
