@@ -9,6 +9,8 @@ packages=(
   zstd cpio tmux                  # capture baseline, initramfs checks, TUI test
   qemu-system-x86 qemu-utils ipxe-qemu  # the VM harness
   busybox-static musl-tools       # initramfs userland, static agent
+  ovmf seabios                    # boot published images by firmware alone (UEFI, BIOS)
+  mmdebstrap                      # the Debian sample payload (scripts/make-debian-payload.sh)
 )
 
 missing=()
