@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use kiln_spool::job::{FsKind, JobSpec};
-use kiln_spool::manifest::{ImageManifest, PhaseTime};
+use kiln_spool::manifest::{ImageManifest, PayloadHash, PhaseTime};
 use kiln_spool::time::Timestamp;
 
 use crate::capture::{capture, CaptureOptions};
@@ -20,7 +20,7 @@ use crate::disk::partition::{expose_partitions, wipe_table, write_table};
 use crate::disk::plan::{plan, DiskPlan};
 use crate::error::{check_abort, Context, Error, Result};
 use crate::joblog::JobLog;
-use crate::payload::{apply_payload, check_payloads, payload_path};
+use crate::payload::{apply_payloads, PayloadSource};
 use crate::progress::{Event, EventKind, Phase};
 use crate::boot;
 use crate::chroot::{Target, TargetDisk};
@@ -34,8 +34,8 @@ pub struct BuildRequest<'a> {
     pub job: &'a JobSpec,
     /// The job file's text, hashed into the manifest.
     pub job_text: &'a str,
-    /// Where payloads are, by their name in the job.
-    pub payload_dir: &'a Path,
+    /// Where the payloads are streamed from.
+    pub payloads: &'a dyn PayloadSource,
     /// A block device, or a disk image file (attached to a loop device).
     pub disk: &'a Path,
     /// The image to write (`NAME.raw.zst`); the manifest goes to
@@ -58,10 +58,34 @@ pub fn manifest_path_for(image: &Path) -> PathBuf {
     image.with_file_name(format!("{stem}.manifest.toml"))
 }
 
+/// A build that failed, and the phase it failed in (not the clean-up
+/// that ran after it).
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct BuildError {
+    pub phase: Phase,
+    #[source]
+    pub error: Error,
+}
+
+impl BuildError {
+    pub fn is_input(&self) -> bool {
+        self.error.is_input()
+    }
+
+    pub fn one_line(&self) -> String {
+        self.error.one_line()
+    }
+}
+
 struct Phases<'e> {
     events: &'e mut dyn FnMut(&Event),
     times: Vec<PhaseTime>,
     log: JobLog,
+    /// The phase that runs, or ran last.
+    current: Phase,
+    /// The first phase that failed.
+    failed: Option<Phase>,
 }
 
 impl Phases<'_> {
@@ -71,6 +95,7 @@ impl Phases<'_> {
         f: impl FnOnce(&mut dyn FnMut(&Event)) -> Result<T>,
     ) -> Result<T> {
         self.log.line(&format!("== {phase}"));
+        self.current = phase;
         (self.events)(&Event {
             phase,
             kind: EventKind::Started,
@@ -78,6 +103,9 @@ impl Phases<'_> {
         let t = Instant::now();
         let r = f(&mut *self.events);
         let seconds = t.elapsed().as_secs_f64();
+        if r.is_err() {
+            self.failed.get_or_insert(phase);
+        }
         if r.is_ok() {
             (self.events)(&Event {
                 phase,
@@ -100,7 +128,7 @@ pub fn build(
     req: &BuildRequest,
     events: &mut dyn FnMut(&Event),
     abort: &AtomicBool,
-) -> Result<ImageManifest> {
+) -> Result<ImageManifest, BuildError> {
     let started = Timestamp::now();
     let log = req.log.clone();
     log.line(&format!(
@@ -112,13 +140,18 @@ pub fn build(
         events,
         times: Vec::new(),
         log: log.clone(),
+        current: Phase::Check,
+        failed: None,
     };
     let r = build_phases(req, &mut phases, abort, started);
     if let Err(e) = &r {
         log.line(&format!("build failed: {}", e.one_line()));
     }
     log.sync();
-    r
+    r.map_err(|error| BuildError {
+        phase: phases.failed.unwrap_or(phases.current),
+        error,
+    })
 }
 
 fn build_phases(
@@ -128,8 +161,8 @@ fn build_phases(
     started: Timestamp,
 ) -> Result<ImageManifest> {
     let job = req.job;
-    let (payloads, disk_plan) = phases.run(Phase::Check, |_| {
-        let payloads = check_payloads(&job.payloads, req.payload_dir)?;
+    let (payload_sizes, disk_plan) = phases.run(Phase::Check, |_| {
+        let sizes = req.payloads.check(&job.payloads)?;
         let meta = std::fs::metadata(req.disk)
             .map_err(|e| Error::Input(format!("disk {}: {e}", req.disk.display())))?;
         let (size, sector) = if meta.file_type().is_block_device() {
@@ -150,7 +183,7 @@ fn build_phases(
         };
         let p = plan(&job.disk, size, sector)
             .map_err(|e| Error::Input(format!("disk {}: {e}", req.disk.display())))?;
-        Ok((payloads, p))
+        Ok((sizes, p))
     })?;
     check_abort(abort)?;
 
@@ -171,7 +204,7 @@ fn build_phases(
         ));
     }
 
-    let r = destructive(req, phases, abort, &dev, &disk_plan);
+    let r = destructive(req, phases, abort, &dev, &disk_plan, &payload_sizes);
     if let Err(e) = &r {
         req.log.line(&format!("failed: {}", e.one_line()));
         match wipe_table(&dev) {
@@ -184,7 +217,7 @@ fn build_phases(
             )),
         }
     }
-    r?;
+    let payloads = r?;
     drop(loopdev);
 
     let capture_opts = CaptureOptions {
@@ -228,14 +261,16 @@ pub fn write_manifest(image: &Path, manifest: &ImageManifest) -> Result<PathBuf>
     Ok(path)
 }
 
-/// The phases that change the disk, from partitioning to the final unmount.
+/// The phases that change the disk, from partitioning to the final
+/// unmount. Returns the hash of each payload as it was streamed.
 fn destructive(
     req: &BuildRequest,
     phases: &mut Phases,
     abort: &AtomicBool,
     dev: &Path,
     disk_plan: &DiskPlan,
-) -> Result<()> {
+    payload_sizes: &[u64],
+) -> Result<Vec<PayloadHash>> {
     let job = req.job;
     let log = req.log;
     let nodes = phases.run(Phase::Partition, |_| {
@@ -277,7 +312,7 @@ fn destructive(
     std::fs::set_permissions(&root_dir, std::fs::Permissions::from_mode(0o700))
         .ctx(|| format!("restricting {}", root_dir.display()))?;
     let mut mounted: Vec<Mount> = Vec::new();
-    let result = (|| -> Result<()> {
+    let result = (|| -> Result<Vec<PayloadHash>> {
         phases.run(Phase::Mount, |_| {
             let mut order: Vec<(usize, &str)> = disk_plan
                 .partitions
@@ -302,24 +337,16 @@ fn destructive(
             }
             Ok(())
         })?;
-        phases.run(Phase::Payloads, |ev| {
-            for p in &job.payloads {
-                check_abort(abort)?;
-                ev(&Event {
-                    phase: Phase::Payloads,
-                    kind: EventKind::Message(format!("{} into {}", p.name, p.dest)),
-                });
-                apply_payload(
-                    &payload_path(req.payload_dir, p),
-                    &p.name,
-                    &root_dir,
-                    &p.dest,
-                    log,
-                    ev,
-                    abort,
-                )?;
-            }
-            Ok(())
+        let hashes = phases.run(Phase::Payloads, |ev| {
+            apply_payloads(
+                req.payloads,
+                &job.payloads,
+                payload_sizes,
+                &root_dir,
+                log,
+                ev,
+                abort,
+            )
         })?;
         check_abort(abort)?;
         let mut target = Target::new(
@@ -362,7 +389,7 @@ fn destructive(
             }
             Ok(())
         })?;
-        Ok(())
+        Ok(hashes)
     })();
     let unmounted = phases.run(Phase::Unmount, |_| {
         let mut first_err = None;
@@ -376,6 +403,7 @@ fn destructive(
         crate::disk::sync_device(&f, dev)?;
         first_err.map_or(Ok(()), Err)
     });
-    result?;
-    unmounted
+    let hashes = result?;
+    unmounted?;
+    Ok(hashes)
 }

@@ -9,6 +9,7 @@ use std::sync::atomic::AtomicBool;
 use clap::{Parser, Subcommand};
 use kiln_agent::capture::{capture, CaptureOptions};
 use kiln_agent::joblog::JobLog;
+use kiln_agent::payload::PayloadDir;
 use kiln_agent::progress::Reporter;
 use kiln_agent::{build, manifest_path_for, BuildRequest, Error};
 use kiln_spool::manifest::ImageManifest;
@@ -28,7 +29,7 @@ enum Cmd {
         /// The job file.
         #[arg(long)]
         job: PathBuf,
-        /// Directory holding the job's payloads.
+        /// Directory holding the job's payloads (each is read once, as a stream).
         #[arg(long)]
         payloads: PathBuf,
         /// A block device or a disk image file (created if missing, see --disk-size).
@@ -71,7 +72,7 @@ enum Cmd {
         /// The disk to build on (overrides the config's disk).
         #[arg(long)]
         disk: Option<PathBuf>,
-        /// Scratch space: payload cache, images, job logs.
+        /// Scratch space: job logs, mount points, images.
         #[arg(long, default_value = "/var/tmp/kiln")]
         work_dir: PathBuf,
         /// A kernel command line whose kiln.KEY=VALUE words override the config.
@@ -210,20 +211,26 @@ fn run_build(
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_default()
     });
+    let payloads = PayloadDir(payloads);
     let req = BuildRequest {
         job: &job,
         job_text: &job_text,
-        payload_dir: payloads,
+        payloads: &payloads,
         disk,
         out,
         log: &joblog,
         agent_id: &agent_id,
         work_dir,
     };
-    let m = build(&req, events, abort).inspect_err(|e| {
+    let m = build(&req, events, abort).map_err(|e| {
         if !e.is_input() {
-            eprintln!("kiln-agent: the job log is {}", log_path.display());
+            eprintln!(
+                "kiln-agent: failed in {}; the job log is {}",
+                e.phase,
+                log_path.display()
+            );
         }
+        e.error
     })?;
     println!(
         "{}: {} bytes, {} data ranges, {} bytes read of a {}-byte disk",

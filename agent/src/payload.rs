@@ -1,7 +1,11 @@
-//! Payloads: hash checks before the disk is touched, and extraction of
-//! tar, tar.zst and tar.gz archives into the target with modes, owners,
-//! symlinks, hardlinks, xattrs and device nodes. Every entry is placed
-//! through [`Tree`], so none can land outside the payload's `dest`.
+//! Payloads: where they come from ([`PayloadSource`]: a directory, or the
+//! job server), and their extraction, streamed, into the target: tar,
+//! tar.zst and tar.gz archives with modes, owners, symlinks, hardlinks,
+//! xattrs and device nodes. Every entry is placed through [`Tree`], so none
+//! can land outside the payload's `dest`, and no symlink, whoever made it,
+//! is followed out of it. That is why a stream can be extracted before its
+//! BLAKE3 is known: a payload that turns out not to match its pin has
+//! changed nothing but the target, and the build fails and wipes the disk.
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
@@ -14,6 +18,7 @@ use std::sync::Arc;
 
 use kiln_spool::job::Payload;
 use kiln_spool::manifest::PayloadHash;
+use kiln_spool::stream::{digest, HashReader, Progress};
 use tar::EntryType;
 
 use crate::error::{check_abort, Context, Error, Result};
@@ -21,42 +26,118 @@ use crate::joblog::JobLog;
 use crate::progress::{Event, Phase, Throttle};
 use crate::tree::{plain_components, set_owner_mode, Tree, TreeError};
 
-/// BLAKE3 of a file, streamed.
-pub fn hash_file(path: &Path) -> io::Result<String> {
-    let mut f = File::open(path)?;
-    let mut h = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().to_hex().to_string())
+/// The read buffer between the source and the decompressor.
+const READ_BUFFER: usize = 1 << 20;
+
+/// Where a build reads its payloads: a directory for `kiln-agent build`,
+/// the job server for `kiln-agent run`. Each is read once, as a stream.
+pub trait PayloadSource {
+    /// Before the disk is touched: every payload is there. Returns their
+    /// sizes in bytes, in the job's order.
+    fn check(&self, payloads: &[Payload]) -> Result<Vec<u64>>;
+    /// Opens payload `i` to be read once from its start.
+    fn open(&self, i: usize, p: &Payload) -> Result<Box<dyn Read + '_>>;
 }
 
-/// Checks that every payload exists and matches its pinned hash; returns
-/// the hash of each (the ones seen, for payloads pinned by none).
-pub fn check_payloads(payloads: &[Payload], dir: &Path) -> Result<Vec<PayloadHash>> {
+/// Payloads as files in a directory, by their name in the job.
+pub struct PayloadDir<'a>(pub &'a Path);
+
+impl PayloadSource for PayloadDir<'_> {
+    /// Local files are cheap to read twice, so their pinned hashes are
+    /// checked here as well, before the disk is touched.
+    fn check(&self, payloads: &[Payload]) -> Result<Vec<u64>> {
+        let mut sizes = Vec::new();
+        for (i, p) in payloads.iter().enumerate() {
+            let path = self.0.join(&p.name);
+            let unreadable = |e: io::Error| {
+                Error::Input(format!(
+                    "payloads[{i}] {:?}: cannot read {}: {e}",
+                    p.name,
+                    path.display()
+                ))
+            };
+            let got = File::open(&path)
+                .and_then(|f| digest(BufReader::with_capacity(READ_BUFFER, f)))
+                .map_err(unreadable)?;
+            if let Some(want) = &p.blake3 {
+                if *want != got.blake3 {
+                    return Err(Error::Input(format!(
+                        "payloads[{i}] {:?}: BLAKE3 {} does not match the pinned {want}",
+                        p.name, got.blake3
+                    )));
+                }
+            }
+            sizes.push(got.size);
+        }
+        Ok(sizes)
+    }
+
+    fn open(&self, _i: usize, p: &Payload) -> Result<Box<dyn Read + '_>> {
+        let path = self.0.join(&p.name);
+        let f = File::open(&path).ctx(|| format!("opening payload {}", path.display()))?;
+        Ok(Box::new(f))
+    }
+}
+
+/// The payloads phase: streams each payload from `source` into its `dest`
+/// under `target`, hashing what passes, and fails on the first payload
+/// whose BLAKE3 does not match its pin. `sizes` are from
+/// [`PayloadSource::check`]; progress counts source bytes over all payloads.
+pub fn apply_payloads(
+    source: &dyn PayloadSource,
+    payloads: &[Payload],
+    sizes: &[u64],
+    target: &Path,
+    log: &JobLog,
+    events: &mut dyn FnMut(&Event),
+    abort: &AtomicBool,
+) -> Result<Vec<PayloadHash>> {
+    let read = Arc::new(AtomicU64::new(0));
+    let mut progress = Reading {
+        read: read.clone(),
+        throttle: Throttle::new(Phase::Payloads, sizes.iter().sum()),
+        events,
+    };
     let mut out = Vec::new();
     for (i, p) in payloads.iter().enumerate() {
-        let path = dir.join(&p.name);
-        let got = hash_file(&path).map_err(|e| {
-            Error::Input(format!(
-                "payloads[{i}] {:?}: cannot read {}: {e}",
-                p.name,
-                path.display()
-            ))
-        })?;
+        check_abort(abort)?;
+        (progress.events)(&Event {
+            phase: Phase::Payloads,
+            kind: crate::progress::EventKind::Message(format!("{} into {}", p.name, p.dest)),
+        });
+        let src = source.open(i, p)?;
+        let mut hashed = HashReader::new(Progress::new(src, read.clone()));
+        let extracted = extract(
+            &mut hashed,
+            &p.name,
+            target,
+            &p.dest,
+            log,
+            &mut progress,
+            abort,
+        );
+        if matches!(extracted, Err(Error::Aborted)) {
+            return Err(Error::Aborted);
+        }
+        // The hash covers the whole stream, past the archive's end too.
+        drain(&mut hashed, abort).ctx(|| format!("reading payload {:?}", p.name))?;
+        let got = hashed.digest().blake3;
         if let Some(want) = &p.blake3 {
-            if *want != got {
-                return Err(Error::Input(format!(
-                    "payloads[{i}] {:?}: BLAKE3 is {got}, the job pins {want}",
+            if got != *want {
+                // A corrupt stream usually breaks the archive first: the
+                // hash is the reason, the archive's error the symptom.
+                let stopped = match &extracted {
+                    Err(e) => format!("; extraction stopped: {}", e.one_line()),
+                    Ok(()) => String::new(),
+                };
+                return Err(Error::Failed(format!(
+                    "payloads[{i}] {:?}: BLAKE3 {got} does not match the pinned {want}{stopped}",
                     p.name
                 )));
             }
         }
+        extracted?;
+        progress.tick();
         out.push(PayloadHash {
             name: p.name.clone(),
             blake3: got,
@@ -65,50 +146,68 @@ pub fn check_payloads(payloads: &[Payload], dir: &Path) -> Result<Vec<PayloadHas
     Ok(out)
 }
 
-/// Counts the bytes read through it, for progress.
-struct Counting<R> {
-    inner: R,
-    count: Arc<AtomicU64>,
+/// The payloads phase's progress: source bytes read, over all payloads.
+struct Reading<'e> {
+    read: Arc<AtomicU64>,
+    throttle: Throttle,
+    events: &'e mut dyn FnMut(&Event),
 }
 
-impl<R: Read> Read for Counting<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.count.fetch_add(n as u64, Ordering::Relaxed);
-        Ok(n)
+impl Reading<'_> {
+    fn tick(&mut self) {
+        self.throttle
+            .update(self.read.load(Ordering::Relaxed), self.events);
     }
 }
 
-/// Opens an archive and undoes its compression, recognised by magic bytes.
-fn open_archive(path: &Path, count: Arc<AtomicU64>) -> Result<Box<dyn Read>> {
-    let mut f = File::open(path).ctx(|| format!("opening payload {}", path.display()))?;
+/// Reads `r` to its end, one buffer at a time.
+fn drain(r: &mut dyn Read, abort: &AtomicBool) -> io::Result<()> {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        if abort.load(Ordering::Relaxed) {
+            return Err(io::Error::new(io::ErrorKind::Interrupted, "aborted"));
+        }
+        if r.read(&mut buf)? == 0 {
+            return Ok(());
+        }
+    }
+}
+
+/// Undoes an archive's compression, recognised by its magic bytes.
+fn decompress<'a>(mut src: impl Read + 'a, name: &str) -> Result<Box<dyn Read + 'a>> {
     let mut magic = [0u8; 4];
-    let n = f
-        .read(&mut magic)
-        .ctx(|| format!("reading payload {}", path.display()))?;
-    drop(f);
-    let f = File::open(path).ctx(|| format!("opening payload {}", path.display()))?;
-    let counted = BufReader::with_capacity(1 << 20, Counting { inner: f, count });
+    let mut n = 0;
+    while n < magic.len() {
+        match src.read(&mut magic[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e).ctx(|| format!("reading payload {name:?}")),
+        }
+    }
+    let head = io::Cursor::new(magic[..n].to_vec());
+    let whole = BufReader::with_capacity(READ_BUFFER, head.chain(src));
     Ok(if n == 4 && magic == [0x28, 0xb5, 0x2f, 0xfd] {
         Box::new(
-            zstd::stream::read::Decoder::with_buffer(counted)
-                .ctx(|| format!("starting zstd for payload {}", path.display()))?,
+            zstd::stream::read::Decoder::with_buffer(whole)
+                .ctx(|| format!("starting zstd for payload {name:?}"))?,
         )
     } else if n >= 2 && magic[..2] == [0x1f, 0x8b] {
-        Box::new(flate2::read::MultiGzDecoder::new(counted))
+        Box::new(flate2::read::MultiGzDecoder::new(whole))
     } else {
-        Box::new(counted)
+        Box::new(whole)
     })
 }
 
-/// Extracts one payload archive into `dest` (a directory inside `target`).
-pub fn apply_payload(
-    archive: &Path,
+/// Extracts one archive stream into `dest` (a directory inside `target`),
+/// and reads the decompressed stream to its end.
+fn extract(
+    src: &mut dyn Read,
     name: &str,
     target: &Path,
     dest: &str,
     log: &JobLog,
-    events: &mut dyn FnMut(&Event),
+    progress: &mut Reading,
     abort: &AtomicBool,
 ) -> Result<()> {
     let refuse = |what: String| Error::Failed(format!("payload {name:?}: {what}"));
@@ -117,16 +216,10 @@ pub fn apply_payload(
     let dest_fd = target_tree
         .dir(&dest_rel)
         .map_err(|e| refuse(format!("dest {dest:?}: {e}")))?;
-    let dest_path = target.join(&dest_rel);
-    drop(dest_fd);
-    let tree = Tree::open(&dest_path).ctx(|| format!("opening {}", dest_path.display()))?;
-    let total = std::fs::metadata(archive)
-        .ctx(|| format!("reading {}", archive.display()))?
-        .len();
-    let count = Arc::new(AtomicU64::new(0));
-    let reader = open_archive(archive, count.clone())?;
-    let mut ar = tar::Archive::new(reader);
-    let mut throttle = Throttle::new(Phase::Payloads, total);
+    // The fd was resolved beneath the target: the tree starts there, not
+    // at a path that a symlink could redirect.
+    let tree = Tree::from_fd(dest_fd, target.join(&dest_rel));
+    let mut ar = tar::Archive::new(decompress(src, name)?);
     let mut dir_times: BTreeMap<PathBuf, u64> = BTreeMap::new();
     let mut entries = 0u64;
     let entries_iter = ar
@@ -139,7 +232,8 @@ pub fn apply_payload(
             .path()
             .map_err(|e| refuse(format!("an entry has an unreadable name: {e}")))?
             .into_owned();
-        let r = apply_entry(&tree, &mut entry, &path, &mut dir_times, abort);
+        let mut copied = || progress.tick();
+        let r = apply_entry(&tree, &mut entry, &path, &mut dir_times, &mut copied, abort);
         match r {
             Ok(()) => {}
             Err(EntryError::Tree(e)) => return Err(refuse(format!("entry {path:?}: {e}"))),
@@ -147,7 +241,7 @@ pub fn apply_payload(
             Err(EntryError::Aborted) => return Err(Error::Aborted),
         }
         entries += 1;
-        throttle.update(count.load(Ordering::Relaxed), events);
+        progress.tick();
     }
     // Directory times last: creating their children changed them.
     for (path, mtime) in dir_times.iter().rev() {
@@ -155,7 +249,9 @@ pub fn apply_payload(
             let _ = slot.set_mtime(*mtime);
         }
     }
-    throttle.update(total, events);
+    // What follows the archive's end still has to decompress.
+    drain(&mut ar.into_inner(), abort)
+        .map_err(|e| refuse(format!("reading past the archive's end: {e}")))?;
     log.line(&format!("payload {name:?}: {entries} entries into {dest}"));
     Ok(())
 }
@@ -181,6 +277,7 @@ fn apply_entry<R: Read>(
     entry: &mut tar::Entry<R>,
     path: &Path,
     dir_times: &mut BTreeMap<PathBuf, u64>,
+    copied: &mut dyn FnMut(),
     abort: &AtomicBool,
 ) -> std::result::Result<(), EntryError> {
     let header = entry.header().clone();
@@ -221,7 +318,7 @@ fn apply_entry<R: Read>(
             let slot = tree.slot(&rel)?;
             slot.remove_non_dir().map_err(io_err("replacing"))?;
             let mut f = slot.create_file().map_err(io_err("creating"))?;
-            copy_data(entry, &mut f, abort)?;
+            copy_data(entry, &mut f, copied, abort)?;
             set_owner_mode(&f, uid, gid, mode).map_err(io_err("setting owner and mode"))?;
             set_xattrs(&f, &xattrs)?;
             let t = libc::timespec {
@@ -316,6 +413,7 @@ fn apply_entry<R: Read>(
 fn copy_data<R: Read>(
     entry: &mut tar::Entry<R>,
     f: &mut File,
+    copied: &mut dyn FnMut(),
     abort: &AtomicBool,
 ) -> std::result::Result<(), EntryError> {
     use std::io::Write;
@@ -329,6 +427,7 @@ fn copy_data<R: Read>(
             return Ok(());
         }
         f.write_all(&buf[..n]).map_err(io_err("writing data"))?;
+        copied();
     }
 }
 
@@ -368,9 +467,4 @@ fn set_xattrs(f: &File, xattrs: &[(CString, Vec<u8>)]) -> std::result::Result<()
         }
     }
     Ok(())
-}
-
-/// The path of a payload in the payload directory.
-pub fn payload_path(dir: &Path, p: &Payload) -> PathBuf {
-    dir.join(&p.name)
 }

@@ -1,45 +1,11 @@
 //! What the engine tells its caller while it works: phases, progress and
 //! messages. The CLI draws them; `kiln-agent run` turns them into heartbeats.
 
-use std::fmt;
+use std::time::{Duration, Instant};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    Check,
-    Partition,
-    Mkfs,
-    Mount,
-    Payloads,
-    Configure,
-    Steps,
-    Unmount,
-    Capture,
-    Verify,
-}
+use kiln_spool::units::human_bytes;
 
-impl Phase {
-    /// The name used in status heartbeats and the manifest.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Check => "check",
-            Phase::Partition => "partition",
-            Phase::Mkfs => "mkfs",
-            Phase::Mount => "mount",
-            Phase::Payloads => "payloads",
-            Phase::Configure => "configure",
-            Phase::Steps => "steps",
-            Phase::Unmount => "unmount",
-            Phase::Capture => "capture",
-            Phase::Verify => "verify",
-        }
-    }
-}
-
-impl fmt::Display for Phase {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use kiln_spool::status::Phase;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
@@ -105,6 +71,60 @@ impl Throttle {
                 },
             });
         }
+    }
+}
+
+/// One console line per byte-counting phase, at most every `every`:
+/// `payloads 412.0 MiB / 731.0 MiB, 38.0 MiB/s`. The throughput is the
+/// phase's average since its first report. Time is a parameter, so the
+/// lines are tested without waiting.
+pub struct ProgressLine {
+    every: Duration,
+    phase: Option<Phase>,
+    started: Instant,
+    last: Option<Instant>,
+}
+
+impl ProgressLine {
+    pub fn new(every: Duration, now: Instant) -> Self {
+        ProgressLine {
+            every,
+            phase: None,
+            started: now,
+            last: None,
+        }
+    }
+
+    /// The line to print for `done` of `total` bytes of `phase`, if one is due.
+    pub fn update(&mut self, phase: Phase, done: u64, total: u64, now: Instant) -> Option<String> {
+        if self.phase != Some(phase) {
+            self.phase = Some(phase);
+            self.started = now;
+            self.last = Some(now);
+            return None;
+        }
+        let due = self
+            .last
+            .is_none_or(|t| now.duration_since(t) >= self.every);
+        if !due && done < total {
+            return None;
+        }
+        if done >= total && self.last.is_none() {
+            return None;
+        }
+        // The last line of a phase is printed once.
+        self.last = if done >= total { None } else { Some(now) };
+        let secs = now.duration_since(self.started).as_secs_f64();
+        let rate = if secs > 0.0 {
+            format!("{}/s", human_bytes((done as f64 / secs) as u64))
+        } else {
+            "-".into()
+        };
+        Some(format!(
+            "{phase} {} / {}, {rate}",
+            human_bytes(done),
+            human_bytes(total)
+        ))
     }
 }
 
@@ -181,5 +201,48 @@ impl Reporter {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_progress_line_is_due_every_interval_and_at_the_end() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        let mut line = ProgressLine::new(Duration::from_secs(5), t0);
+        let mib = 1u64 << 20;
+        assert_eq!(line.update(Phase::Payloads, 0, 731 * mib, t0), None);
+        assert_eq!(
+            line.update(Phase::Payloads, 38 * mib, 731 * mib, t0 + s),
+            None
+        );
+        assert_eq!(
+            line.update(Phase::Payloads, 190 * mib, 731 * mib, t0 + 5 * s)
+                .as_deref(),
+            Some("payloads 190.0 MiB / 731.0 MiB, 38.0 MiB/s")
+        );
+        assert_eq!(
+            line.update(Phase::Payloads, 200 * mib, 731 * mib, t0 + 6 * s),
+            None
+        );
+        assert_eq!(
+            line.update(Phase::Payloads, 731 * mib, 731 * mib, t0 + 7 * s)
+                .as_deref(),
+            Some("payloads 731.0 MiB / 731.0 MiB, 104.4 MiB/s")
+        );
+        assert_eq!(
+            line.update(Phase::Payloads, 731 * mib, 731 * mib, t0 + 8 * s),
+            None
+        );
+        // A new phase starts its own clock.
+        assert_eq!(line.update(Phase::Capture, 0, 10 * mib, t0 + 9 * s), None);
+        assert_eq!(
+            line.update(Phase::Capture, 10 * mib, 10 * mib, t0 + 11 * s)
+                .as_deref(),
+            Some("capture 10.0 MiB / 10.0 MiB, 5.0 MiB/s")
+        );
     }
 }

@@ -99,6 +99,12 @@ impl Tree {
         })
     }
 
+    /// A tree rooted at an open directory, such as one [`Tree::dir`]
+    /// resolved beneath another tree.
+    pub fn from_fd(root: OwnedFd, display: PathBuf) -> Tree {
+        Tree { root, display }
+    }
+
     pub fn display(&self) -> &Path {
         &self.display
     }

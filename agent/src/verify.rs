@@ -3,29 +3,15 @@
 //! size. Accepts the `.raw.zst` image or a raw disk (decompressed image).
 
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::{BufReader, Read, Write};
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
 use kiln_spool::manifest::ImageManifest;
+use kiln_spool::stream::{HashReader, HashWriter};
 
 use crate::error::{check_abort, Context, Error, Result};
 use crate::progress::{Event, Phase, Throttle};
-
-struct HashingReader<R> {
-    inner: R,
-    hasher: blake3::Hasher,
-    count: u64,
-}
-
-impl<R: Read> Read for HashingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.count += n as u64;
-        Ok(n)
-    }
-}
 
 /// Verifies `image` against `manifest`; the error lists what does not match.
 pub fn verify(
@@ -41,11 +27,7 @@ pub fn verify(
         .ctx(|| format!("reading {}", image.display()))?;
     let compressed = n == 4 && magic == [0x28, 0xb5, 0x2f, 0xfd];
     let f = File::open(image).ctx(|| format!("opening {}", image.display()))?;
-    let mut hr = HashingReader {
-        inner: BufReader::with_capacity(1 << 20, f),
-        hasher: blake3::Hasher::new(),
-        count: 0,
-    };
+    let mut hr = HashReader::new(BufReader::with_capacity(1 << 20, f));
     let mut problems = Vec::new();
     {
         let mut raw: Box<dyn Read + '_> = if compressed {
@@ -56,7 +38,7 @@ pub fn verify(
         let mut buf = vec![0u8; 4 << 20];
         let mut pos = 0u64;
         let mut ri = 0usize;
-        let mut h: Option<blake3::Hasher> = None;
+        let mut h: Option<HashWriter<std::io::Sink>> = None;
         let mut first_nonzero: Option<u64> = None;
         let mut throttle = Throttle::new(Phase::Verify, manifest.disk_size);
         loop {
@@ -79,11 +61,12 @@ pub fn verify(
                     Some(r) if at >= r.offset => {
                         let end = r.offset + r.length;
                         let k = ((end - at) as usize).min(n - i);
-                        h.get_or_insert_with(blake3::Hasher::new)
-                            .update(&buf[i..i + k]);
+                        h.get_or_insert_with(|| HashWriter::new(std::io::sink()))
+                            .write_all(&buf[i..i + k])
+                            .ctx(|| "hashing a range".to_string())?;
                         i += k;
                         if at + k as u64 == end {
-                            let got = h.take().map(|h| h.finalize().to_hex().to_string());
+                            let got = h.take().map(|h| h.digest().blake3);
                             if got.as_deref() != Some(r.blake3.as_str()) {
                                 problems.push(format!(
                                     "range {ri} (bytes {}..{end}) has BLAKE3 {}, the manifest says {}",
@@ -129,17 +112,17 @@ pub fn verify(
     if compressed {
         std::io::copy(&mut hr, &mut std::io::sink())
             .ctx(|| format!("reading {}", image.display()))?;
-        let got = hr.hasher.finalize().to_hex().to_string();
-        if hr.count != manifest.image_size {
+        let got = hr.digest();
+        if got.size != manifest.image_size {
             problems.push(format!(
                 "the file has {} bytes, the manifest says {}",
-                hr.count, manifest.image_size
+                got.size, manifest.image_size
             ));
         }
-        if got != manifest.image_blake3 {
+        if got.blake3 != manifest.image_blake3 {
             problems.push(format!(
-                "the file's BLAKE3 is {got}, the manifest says {}",
-                manifest.image_blake3
+                "the file's BLAKE3 is {}, the manifest says {}",
+                got.blake3, manifest.image_blake3
             ));
         }
     }

@@ -429,3 +429,163 @@ fn a_full_build_captures_the_system_the_job_describes() {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
 }
+
+const ROOT_ONLY: &str = r#"
+[disk]
+table = "gpt"
+[[disk.partitions]]
+label = "root"
+size = "rest"
+kind = "linux"
+fs = "ext4"
+mount = "/"
+"#;
+
+/// A 2 MiB tmpfs at `at`, unmounted on drop.
+fn small_tmpfs(at: &Path) -> Mounted {
+    std::fs::create_dir_all(at).unwrap();
+    ok(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+        .arg(at));
+    Mounted(at.to_path_buf())
+}
+
+/// Regular files (and anything else that is not a directory) under `dir`.
+fn non_dirs_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if e.file_type().unwrap().is_dir() {
+                todo.push(e.path());
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_streamed_build_stages_nothing_in_its_work_dir_or_tmp() {
+    assert!(
+        can_run("a_streamed_build_stages_nothing_in_its_work_dir_or_tmp"),
+        "the line above says what is missing"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::create_dir(dir.join("payloads")).unwrap();
+    // 8 MiB of noise, zstd-compressed (it stays 8 MiB): four times what
+    // the work dir and TMPDIR hold.
+    let mut noise = vec![0u8; 8 << 20];
+    blake3::Hasher::new()
+        .update(b"streamed")
+        .finalize_xof()
+        .fill(&mut noise);
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = header(tar::EntryType::Regular, 0o644, 0, 0, noise.len() as u64);
+    b.append_data(&mut h, "srv/noise.bin", &noise[..]).unwrap();
+    let z = zstd::encode_all(&b.into_inner().unwrap()[..], 3).unwrap();
+    std::fs::write(dir.join("payloads/noise.tar.zst"), &z).unwrap();
+    let job = format!(
+        "id = \"streamed\"\n[[payloads]]\nname = \"noise.tar.zst\"\nblake3 = \"{}\"\n{ROOT_ONLY}",
+        blake3_hex(&z)
+    );
+    std::fs::write(dir.join("job.toml"), job).unwrap();
+    let work = dir.join("work");
+    let _scratch = small_tmpfs(&work);
+    let tmpdir = work.join("tmp");
+    std::fs::create_dir(&tmpdir).unwrap();
+    let out = run(Command::new(AGENT)
+        .arg("build")
+        .arg("--job")
+        .arg(dir.join("job.toml"))
+        .arg("--payloads")
+        .arg(dir.join("payloads"))
+        .arg("--disk")
+        .arg(dir.join("disk.img"))
+        .args(["--disk-size", "64MiB"])
+        .arg("--out")
+        .arg(dir.join("image.raw.zst"))
+        .arg("--work-dir")
+        .arg(&work)
+        .env("TMPDIR", &tmpdir));
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(dir.join("image.log")).unwrap_or_default()
+    );
+    assert_eq!(non_dirs_under(&work), Vec::<std::path::PathBuf>::new());
+
+    // The payload reached the target whole.
+    ok(Command::new("zstd")
+        .args(["-d", "-q", "-f"])
+        .arg(dir.join("image.raw.zst"))
+        .arg("-o")
+        .arg(dir.join("image.raw")));
+    let t = sfdisk_json(&dir.join("image.raw")).expect("a partition table");
+    let p = &t["partitiontable"]["partitions"][0];
+    let (start, size) = (p["start"].as_u64().unwrap(), p["size"].as_u64().unwrap());
+    let root = Loop::new(&dir.join("image.raw"), start * 512, Some(size * 512));
+    let _m = Mounted::new(&root.0, &dir.join("mnt"), "ro");
+    assert!(std::fs::read(dir.join("mnt/srv/noise.bin")).unwrap() == noise);
+}
+
+#[test]
+fn a_dest_or_hardlink_through_a_planted_symlink_writes_nothing_outside() {
+    assert!(
+        can_run("a_dest_or_hardlink_through_a_planted_symlink_writes_nothing_outside"),
+        "the line above says what is missing"
+    );
+    for (case, second) in [
+        // The second payload's dest is the symlink the first one planted.
+        ("dest", "dest = \"/opt\""),
+        // The second payload hardlinks a file outside through it.
+        ("hardlink", "dest = \"/\""),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        std::fs::create_dir(dir.join("payloads")).unwrap();
+        let outside = dir.join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("secret"), "host file\n").unwrap();
+        let tar = |name: &str, f: &dyn Fn(&mut tar::Builder<Vec<u8>>)| {
+            let mut b = tar::Builder::new(Vec::new());
+            f(&mut b);
+            std::fs::write(dir.join("payloads").join(name), b.into_inner().unwrap()).unwrap();
+        };
+        tar("one.tar", &|b| {
+            let mut h = header(tar::EntryType::Symlink, 0o777, 0, 0, 0);
+            b.append_link(&mut h, "opt", &outside).unwrap();
+        });
+        tar("two.tar", &|b| {
+            let mut h = header(tar::EntryType::Regular, 0o644, 0, 0, 4);
+            b.append_data(&mut h, "pwned", &b"bad\n"[..]).unwrap();
+            let mut h = header(tar::EntryType::Link, 0o644, 0, 0, 0);
+            b.append_link(&mut h, "stolen", "opt/secret").unwrap();
+        });
+        let job = format!(
+            "id = \"planted\"\n[[payloads]]\nname = \"one.tar\"\n[[payloads]]\nname = \"two.tar\"\n{second}\n{ROOT_ONLY}"
+        );
+        let out = build(dir, &job, "64MiB");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{case}: {stderr}");
+        assert!(
+            stderr.contains("payload \"two.tar\"") && stderr.contains("resolves outside"),
+            "{case}: {stderr}"
+        );
+        assert!(table_wiped(&dir.join("disk.img")), "{case}: {stderr}");
+        let mut left: Vec<_> = std::fs::read_dir(&outside)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["secret"], "{case}: the payload wrote outside");
+        assert_eq!(
+            std::fs::metadata(outside.join("secret")).unwrap().nlink(),
+            1,
+            "{case}: a hardlink to a file outside was made"
+        );
+    }
+}

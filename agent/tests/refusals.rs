@@ -140,7 +140,8 @@ fn a_wrong_payload_hash_is_refused_before_the_disk_is_touched() {
     );
     let (stderr, _) = fails(dir, &job, 2);
     assert!(
-        stderr.contains("payloads[0] \"os.tar\": BLAKE3 is"),
+        stderr.contains("payloads[0] \"os.tar\": BLAKE3 ")
+            && stderr.contains("does not match the pinned"),
         "{stderr}"
     );
 }

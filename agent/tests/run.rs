@@ -9,16 +9,16 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kiln_e2e::sshd::{skip_without_sshd, TestSshd};
-use kiln_spool::status::read_status;
-use kiln_spool::lease::Lease;
-use kiln_spool::master::{self, job_view, read_history, JobState};
-use kiln_spool::master::reap;
-use kiln_spool::status::AgentState;
-use kiln_spool::time::Timestamp;
 use kiln_spool::agent::uploader::{upload, UploadOptions};
+use kiln_spool::lease::Lease;
+use kiln_spool::master::reap;
+use kiln_spool::master::{self, job_view, read_history, JobState};
+use kiln_spool::status::read_status;
+use kiln_spool::status::{AgentState, Phase};
+use kiln_spool::time::Timestamp;
 use kiln_spool::{LocalSpool, SpoolFs};
 
-use common::AGENT;
+use common::{Mounted, AGENT};
 
 /// A job server: a real sshd and a spool made by the master's rules.
 struct Server {
@@ -136,12 +136,17 @@ impl Agent {
     }
 }
 
+/// Whether the test can run: a missing tool fails it with the reason.
 fn can_run(test: &str) -> bool {
-    if !Path::new("/bin/busybox").exists() {
-        eprintln!("SKIP: {test}: /bin/busybox is missing (install busybox-static)");
-        return false;
-    }
-    common::can_run(test) && !skip_without_sshd()
+    assert!(
+        Path::new("/bin/busybox").exists(),
+        "{test}: /bin/busybox is missing (install busybox-static)"
+    );
+    assert!(
+        common::can_run(test),
+        "{test} cannot run here: the line above says why"
+    );
+    !skip_without_sshd()
 }
 
 fn verify_published(spool: &LocalSpool, id: &str) {
@@ -303,7 +308,7 @@ fn a_killed_agent_is_reaped_and_its_late_upload_refused() {
     let deadline = Instant::now() + Duration::from_secs(60);
     let lease = loop {
         let status = read_status(&server.spool, "slow").unwrap();
-        if status.as_ref().is_some_and(|s| s.phase == "steps") && marker.exists() {
+        if status.as_ref().is_some_and(|s| s.phase == Phase::Steps) && marker.exists() {
             let text = server.spool.read("leases/slow").unwrap();
             break Lease::parse(&String::from_utf8(text).unwrap()).unwrap();
         }
@@ -517,4 +522,108 @@ fn an_upload_cut_by_an_sshd_restart_resumes() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("{:?}", status.message));
     assert!(held >= 1, "nothing was resumed: {:?}", status.message);
+}
+
+/// Writes `payloads/NAME` on the server: a tar of `size` bytes of noise
+/// that does not compress, in one file.
+fn noise_payload(server: &Server, name: &str, size: usize) {
+    let src = server.dir.path().join(format!("{name}.src"));
+    std::fs::create_dir_all(&src).unwrap();
+    let mut noise = vec![0u8; size];
+    blake3::Hasher::new()
+        .update(name.as_bytes())
+        .finalize_xof()
+        .fill(&mut noise);
+    std::fs::write(src.join("noise.bin"), &noise).unwrap();
+    let st = Command::new("tar")
+        .arg("-C")
+        .arg(&src)
+        .arg("-cf")
+        .arg(server.dir.path().join("payloads").join(name))
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// A 2 MiB tmpfs at `at`, unmounted on drop.
+fn small_tmpfs(at: &Path) -> Mounted {
+    std::fs::create_dir_all(at).unwrap();
+    common::ok(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+            .arg(at),
+    );
+    Mounted(at.to_path_buf())
+}
+
+/// Regular files under `dir`, by path relative to it.
+fn files_under(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let t = e.file_type().unwrap();
+            if t.is_dir() {
+                todo.push(e.path());
+            } else {
+                out.push(
+                    e.path()
+                        .strip_prefix(dir)
+                        .unwrap()
+                        .to_string_lossy()
+                        .into_owned(),
+                );
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn a_payload_corrupted_on_the_server_fails_the_job_and_wipes_the_disk() {
+    if !can_run("a_payload_corrupted_on_the_server_fails_the_job_and_wipes_the_disk") {
+        return;
+    }
+    let server = Server::start();
+    noise_payload(&server, "noise.tar", 8 << 20);
+    server.add(
+        "corrupt",
+        500,
+        "10m",
+        "[[payloads]]\nname = \"noise.tar\"\ndest = \"/srv\"\n",
+    );
+    // Pinned at add; then one byte of the file's data changes on the server.
+    let on_server = server.dir.path().join("payloads/noise.tar");
+    let mut bytes = std::fs::read(&on_server).unwrap();
+    bytes[4 << 20] ^= 0xff;
+    std::fs::write(&on_server, &bytes).unwrap();
+
+    let agent = Agent::new("agent-1", &[&server]);
+    // The agent's scratch space and TMPDIR hold 2 MiB: a payload staged
+    // there on its way in would fail the job with "no space left" instead.
+    let work = agent.dir.path().join("work");
+    let _scratch = small_tmpfs(&work);
+    let tmp = work.join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let out = agent.command(true).env("TMPDIR", &tmp).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+
+    let why = "payloads[1] \"noise.tar\": BLAKE3 ";
+    assert!(err.contains(why), "{err}");
+    assert!(err.contains("does not match the pinned"), "{err}");
+    let status = read_status(&server.spool, "corrupt").unwrap().unwrap();
+    assert_eq!(status.state, AgentState::Failed, "{status:?}");
+    assert_eq!(status.phase, Phase::Payloads, "{status:?}");
+    assert!(status.message.contains(why), "{status:?}");
+    let log = String::from_utf8(server.spool.read("logs/corrupt.log").unwrap()).unwrap();
+    assert!(log.contains(why), "{log}");
+    assert!(log.contains("wiped the partition table"), "{log}");
+    assert!(
+        common::table_wiped(&agent.dir.path().join("disk.img")),
+        "the disk kept its partition table"
+    );
+    assert_eq!(files_under(&work), ["jobs/corrupt/job.log"]);
 }

@@ -18,7 +18,7 @@ use kiln_spool::master::{init, write_job_list, HistoryRecord};
 use kiln_spool::master::reap;
 use kiln_spool::queue::{Entry, EntryState, JobList};
 use kiln_spool::spool::{history_path, image_dir, job_path, lease_path, log_path, status_path};
-use kiln_spool::status::{AgentState, Status};
+use kiln_spool::status::{AgentState, Phase, Status};
 use kiln_spool::time::Timestamp;
 use kiln_spool::units::TimeLimit;
 use kiln_spool::upload::{Published, MANIFEST, PUBLISHED};
@@ -134,8 +134,14 @@ fn build(root: &Path, jobs: usize, agents: usize) -> anyhow::Result<()> {
             } else {
                 AgentState::Building
             },
-            phase: if a % 3 == 0 { "upload" } else { "payloads" }.into(),
+            phase: if a % 3 == 0 {
+                Phase::Upload
+            } else {
+                Phase::Payloads
+            },
             progress: (a % 10) as f32 / 10.0,
+            bytes_done: 0,
+            bytes_total: 0,
             message: String::new(),
             started: lease.acquired,
             updated: Timestamp(t0 + 3500),

@@ -3,7 +3,7 @@
 //! Exit codes: 0 ok, 1 the operation failed, 2 bad usage or bad input.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +17,7 @@ use kiln_spool::master::{self, JobState, JobView, MasterError};
 use kiln_spool::names::check_payload_name;
 use kiln_spool::printable::{needs_escape, printable};
 use kiln_spool::spool::{payload_path, JOB_LIST, PAYLOADS};
+use kiln_spool::stream::HashReader;
 use kiln_spool::time::{format_secs, Timestamp};
 use kiln_spool::units::{human_bytes, Span};
 use kiln_spool::LocalSpool;
@@ -356,6 +357,18 @@ fn lock(spool: &LocalSpool) -> Result<kiln_spool::spool::MasterLock, Failure> {
         .with_context(|| format!("locking {}", spool.root().display()))?)
 }
 
+/// `, 412.0 MiB of 731.0 MiB` when the phase counts bytes.
+fn bytes_of(s: &kiln_spool::status::Status) -> String {
+    if s.bytes_total == 0 {
+        return String::new();
+    }
+    format!(
+        ", {} of {}",
+        human_bytes(s.bytes_done),
+        human_bytes(s.bytes_total)
+    )
+}
+
 /// Copies a payload into the spool, hashing it on the way. An existing
 /// payload of the same name is kept unless it is the same file.
 fn add_payload(
@@ -389,24 +402,13 @@ fn add_payload(
     let tmp = spool.path(&kiln_spool::spool::temp_name(&rel));
     let result = (|| -> anyhow::Result<(String, u64)> {
         let mut out = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        let mut hasher = blake3::Hasher::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut size = 0u64;
-        loop {
-            let n = src
-                .read(&mut buf)
-                .with_context(|| format!("reading {}", file.display()))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            out.write_all(&buf[..n])
-                .with_context(|| format!("writing {}", tmp.display()))?;
-            size += n as u64;
-        }
+        let mut hashed = HashReader::new(&mut src);
+        std::io::copy(&mut hashed, &mut out)
+            .with_context(|| format!("copying {} to {}", file.display(), tmp.display()))?;
         out.sync_all()
             .with_context(|| format!("writing {}", tmp.display()))?;
-        Ok((hasher.finalize().to_hex().to_string(), size))
+        let d = hashed.digest();
+        Ok((d.blake3, d.size))
     })();
     let (hash, size) = match result {
         Ok(r) => r,
@@ -478,7 +480,7 @@ fn format_table(views: &[JobView]) -> String {
             v.priority.to_string(),
             v.state.to_string(),
             v.holder.as_deref().map_or("-".into(), shown),
-            v.phase.as_deref().map_or("-".into(), shown),
+            v.phase.map_or("-".into(), |p| p.to_string()),
             v.progress
                 .map(|p| format!("{:.0}%", p * 100.0))
                 .unwrap_or_else(|| "-".into()),
@@ -539,10 +541,11 @@ fn format_show(v: &JobView, spec: Option<&str>) -> String {
     }
     if let Some(s) = &v.status {
         out.push_str(&format!(
-            "status     {:?} in {} ({:.0}%), updated {}\n",
+            "status     {:?} in {} ({:.0}%{}), updated {}\n",
             s.state,
-            printable(&s.phase),
+            s.phase,
             s.progress * 100.0,
+            bytes_of(s),
             s.updated
         ));
     }

@@ -9,13 +9,12 @@ use std::time::{Duration, Instant};
 
 use kiln_spool::agent::claim::{claim_next, heartbeat};
 use kiln_spool::lease::Lease;
-use kiln_spool::status::{AgentState, Status};
+use kiln_spool::status::{AgentState, Phase, Status};
 use kiln_spool::time::Timestamp;
 use kiln_spool::LocalSpool;
 use serde_json::Value;
 
 const AGENT: &str = "evil\x1b]0;pwned\x07\u{9b}2J";
-const PHASE: &str = "\x1b[2Jpayloads\r";
 const MESSAGE: &str = "\x1b]52;c;cm0gLXJmIH4=\x07copied\rok\u{202e}gnp.exe";
 const SERVER: &str = "\x1b[31m10.0.0.9:22";
 
@@ -93,8 +92,10 @@ fn beat(spool: &LocalSpool, lease: &Lease, state: AgentState, now: Timestamp) {
         token: lease.token.clone(),
         server: SERVER.into(),
         state,
-        phase: PHASE.into(),
+        phase: Phase::Payloads,
         progress: 0.5,
+        bytes_done: 0,
+        bytes_total: 0,
         message: MESSAGE.into(),
         started: now,
         updated: now,
@@ -109,7 +110,7 @@ fn list_show_and_reap_print_agent_text_escaped() {
     hostile_spool(root);
 
     let table = ok(root, &["list"]);
-    assert!(table.contains(r"\x1b[2Jpayloads\r"), "{table}");
+    assert!(table.contains(r"evil\x1b]0;pwned"), "{table}");
     let shown = ok(root, &["show", "bad-1"]);
     assert!(
         shown.contains(r"evil\x1b]0;pwned\x07\u{9b}2J (token "),
@@ -143,7 +144,7 @@ fn json_is_escaped_and_reads_back_the_same() {
         .find(|j| j["id"] == "bad-1")
         .expect("bad-1 listed");
     assert_eq!(bad1["holder"], AGENT);
-    assert_eq!(bad1["phase"], PHASE);
+    assert_eq!(bad1["phase"], "payloads");
 
     let shown: Value = serde_json::from_str(&ok(root, &["show", "bad-1", "--json"])).unwrap();
     assert_eq!(shown["lease"]["agent"], AGENT);
@@ -188,7 +189,7 @@ fn serve_prints_agent_text_escaped() {
     let printed = checked("kiln-master serve", &out.stdout);
     checked("kiln-master serve's stderr", &out.stderr);
     assert!(
-        printed.contains(r"failed in \x1b[2Jpayloads\r: \x1b]52;c;"),
+        printed.contains(r"failed in payloads: \x1b]52;c;"),
         "{printed}"
     );
 }

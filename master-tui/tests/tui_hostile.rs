@@ -139,10 +139,6 @@ fn escaped_text_stays_readable() {
     app.focus = Pane::Detail;
     let detail = screen(&app, 160, 48);
     assert!(
-        detail.contains(r"\x1b[2Jpayloads\r"),
-        "the phase, escaped:\n{detail}"
-    );
-    assert!(
         detail.contains(r"evil\x1b]0;pwned\x07\u{9b}2J (attempt 1)"),
         "the agent, escaped:\n{detail}"
     );

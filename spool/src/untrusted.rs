@@ -25,11 +25,12 @@ pub const MAX_STATUS: u64 = 16 << 10;
 pub const MAX_UPLOAD_RECORD: u64 = 32 << 20;
 /// Largest job log the master keeps with an image; the rest is cut off.
 pub const MAX_JOB_LOG: u64 = 16 << 20;
-/// Longest agent id, server address, phase and message an agent may report.
+/// Longest agent id, server address and message an agent may report.
 pub const MAX_AGENT_ID: usize = 128;
 pub const MAX_SERVER: usize = 256;
-pub const MAX_PHASE: usize = 64;
 pub const MAX_MESSAGE: usize = 4096;
+/// Most bytes a phase may report in all: 1 PiB, far above any disk or payload.
+pub const MAX_PHASE_BYTES: u64 = 1 << 50;
 
 /// Why something an agent wrote was not taken.
 #[derive(Debug, thiserror::Error)]
@@ -143,7 +144,6 @@ pub fn check_status(s: &Status, id: &str) -> Result<(), String> {
     check_token(&s.token).map_err(|e| format!("token: {e}"))?;
     check_text("agent", &s.agent, MAX_AGENT_ID)?;
     check_text("server", &s.server, MAX_SERVER)?;
-    check_text("phase", &s.phase, MAX_PHASE)?;
     // A message may span lines (a step's stderr tail); it is escaped for display.
     if s.message.len() > MAX_MESSAGE {
         return Err(format!(
@@ -153,6 +153,18 @@ pub fn check_status(s: &Status, id: &str) -> Result<(), String> {
     }
     if !(0.0..=1.0).contains(&s.progress) {
         return Err(format!("progress {} is not between 0 and 1", s.progress));
+    }
+    if s.bytes_total > MAX_PHASE_BYTES {
+        return Err(format!(
+            "bytes_total {} is more than {MAX_PHASE_BYTES}",
+            s.bytes_total
+        ));
+    }
+    if s.bytes_done > s.bytes_total {
+        return Err(format!(
+            "bytes_done {} is more than bytes_total {}",
+            s.bytes_done, s.bytes_total
+        ));
     }
     Ok(())
 }
@@ -309,8 +321,10 @@ mod tests {
             token: "1-00ff".into(),
             server: "127.0.0.1:22".into(),
             state: crate::status::AgentState::Building,
-            phase: "mkfs".into(),
+            phase: crate::status::Phase::Payloads,
             progress: 0.5,
+            bytes_done: 412 << 20,
+            bytes_total: 731 << 20,
             message: "line one\nline two".into(),
             started: Timestamp(1),
             updated: Timestamp(2),
@@ -320,11 +334,18 @@ mod tests {
         put(&good);
         assert_eq!(status(&s, "a").unwrap().unwrap(), good);
         type Change = fn(&mut Status);
-        let cases: [(Change, &str); 5] = [
+        let cases: [(Change, &str); 6] = [
             (|s| s.job = "b".into(), "differs"),
-            (|s| s.phase = "p".repeat(100), "phase"),
             (|s| s.message = "m".repeat(MAX_MESSAGE + 1), "message"),
             (|s| s.progress = 7.0, "progress"),
+            (|s| s.bytes_done = s.bytes_total + 1, "bytes_done"),
+            (
+                |s| {
+                    s.bytes_total = MAX_PHASE_BYTES + 1;
+                    s.bytes_done = 1;
+                },
+                "bytes_total",
+            ),
             (|s| s.agent = "a\nb".into(), "agent"),
         ];
         for (change, want) in cases {
@@ -334,5 +355,16 @@ mod tests {
             let e = status(&s, "a").unwrap_err().to_string();
             assert!(e.contains(want), "{e}");
         }
+        // A phase is one of the job's phases, never free text.
+        let text = good.to_toml().replace("\"payloads\"", "\"p\\u001b[2J\"");
+        std::fs::write(dir.path().join("status/a.toml"), text).unwrap();
+        let e = status(&s, "a").unwrap_err().to_string();
+        assert!(e.contains("phase"), "{e}");
+        // Byte counts past what TOML's integers hold are refused by the parser.
+        let text = good
+            .to_toml()
+            .replace(&format!("{}", 731u64 << 20), "18446744073709551616");
+        std::fs::write(dir.path().join("status/a.toml"), text).unwrap();
+        assert!(status(&s, "a").is_err());
     }
 }

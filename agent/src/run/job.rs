@@ -1,8 +1,10 @@
 //! The job this agent holds: its workspace (log, mount points, image), its
 //! heartbeat, and the work from download to upload.
 
+use std::cell::RefCell;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use kiln_spool::agent::claim::heartbeat;
@@ -13,12 +15,12 @@ use kiln_spool::spool::{log_path, SpoolFs};
 use kiln_spool::status::{AgentState, Status};
 use kiln_spool::time::Timestamp;
 
-use super::download::{download_job, fetch_payloads};
+use super::download::{download_job, ServerPayloads};
 use super::heartbeat::{heartbeats, Beat};
 use super::upload::upload_resuming;
 use super::{connect, RunOptions};
 use crate::joblog::JobLog;
-use crate::progress::{Event, EventKind};
+use crate::progress::{Event, EventKind, Phase, ProgressLine};
 use crate::{build, manifest_path_for, BuildRequest};
 
 /// A claimed job and everything the agent keeps for it while it holds it.
@@ -32,7 +34,12 @@ pub(super) struct HeldJob<'a> {
     pub log: JobLog,
     /// The job's workspace under the agent's work dir.
     pub dir: PathBuf,
+    say: RefCell<&'a mut dyn FnMut(&str)>,
+    console: RefCell<ProgressLine>,
 }
+
+/// How often a phase's progress line is printed on the console.
+const CONSOLE_EVERY: Duration = Duration::from_secs(5);
 
 impl<'a> HeldJob<'a> {
     fn open(
@@ -41,6 +48,7 @@ impl<'a> HeldJob<'a> {
         spool: &'a SftpSpool,
         lease: &'a Lease,
         stop: &'a AtomicBool,
+        say: &'a mut dyn FnMut(&str),
     ) -> Result<Self> {
         let now = Timestamp::now();
         let beat = Beat::new(Status {
@@ -49,8 +57,10 @@ impl<'a> HeldJob<'a> {
             token: lease.token.clone(),
             server: server.address.clone(),
             state: AgentState::Building,
-            phase: "download".into(),
+            phase: Phase::Download,
             progress: 0.0,
+            bytes_done: 0,
+            bytes_total: 0,
             message: String::new(),
             started: now,
             updated: now,
@@ -73,6 +83,8 @@ impl<'a> HeldJob<'a> {
             beat,
             log,
             dir,
+            say: RefCell::new(say),
+            console: RefCell::new(ProgressLine::new(CONSOLE_EVERY, Instant::now())),
         })
     }
 
@@ -96,35 +108,58 @@ impl<'a> HeldJob<'a> {
         connect(self.opts, self.server)
     }
 
+    /// Reports `done` of `total` bytes of `phase`: in the status file and,
+    /// every few seconds, on the console with the throughput.
+    pub fn progress(&self, phase: Phase, done: u64, total: u64) {
+        let done = done.min(total);
+        self.beat.set(|st| {
+            st.phase = phase;
+            st.bytes_done = done;
+            st.bytes_total = total;
+            if total > 0 {
+                st.progress = (done as f64 / total as f64) as f32;
+            }
+        });
+        let line = self
+            .console
+            .borrow_mut()
+            .update(phase, done, total, Instant::now());
+        if let Some(line) = line {
+            self.say(&format!("{}: {line}", self.lease.job));
+        }
+    }
+
+    fn say(&self, line: &str) {
+        (self.say.borrow_mut())(line)
+    }
+
     /// Download, build, upload.
-    fn work(&self, say: &mut dyn FnMut(&str)) -> Result<()> {
+    fn work(&self) -> Result<()> {
         let (text, job) = download_job(self.spool, self.lease)?;
-        let payload_dir = fetch_payloads(self, &job)?;
         self.watch_stop();
         let image = self.image();
-        // The engine cleans up (unmounts) after a failed phase; the
-        // status must name the phase that failed, not the clean-up.
-        let mut failed_in: Option<&'static str> = None;
-        let mut open: Option<&'static str> = None;
         let mut on_event = |e: &Event| {
             self.watch_stop();
-            match e.kind {
-                EventKind::Started => {
-                    if let Some(p) = open.replace(e.phase.as_str()) {
-                        failed_in.get_or_insert(p);
-                    }
+            if let EventKind::Started = e.kind {
+                self.beat.set(|st| {
+                    st.phase = e.phase;
+                    st.progress = 0.0;
+                    st.bytes_done = 0;
+                    st.bytes_total = 0;
+                });
+            }
+            match &e.kind {
+                EventKind::Progress { done, total } if e.phase.counts_bytes() => {
+                    self.progress(e.phase, *done, *total)
                 }
-                EventKind::Finished { seconds } => {
-                    open = None;
-                    say(&format!(
-                        "{}: {} done in {seconds:.1}s",
-                        self.lease.job, e.phase
-                    ));
-                }
+                EventKind::Finished { seconds } => self.say(&format!(
+                    "{}: {} done in {seconds:.1}s",
+                    self.lease.job, e.phase
+                )),
                 _ => {}
             }
             self.beat.set(|st| {
-                st.phase = e.phase.as_str().to_string();
+                st.phase = e.phase;
                 if let Some(f) = e.fraction() {
                     st.progress = f;
                 }
@@ -136,26 +171,27 @@ impl<'a> HeldJob<'a> {
         let mounts = self.dir.join("mnt");
         std::fs::create_dir_all(&mounts)
             .with_context(|| format!("creating {}", mounts.display()))?;
+        let payloads = ServerPayloads { spool: self.spool };
         let req = BuildRequest {
             job: &job,
             job_text: &text,
-            payload_dir: &payload_dir,
+            payloads: &payloads,
             disk: &self.opts.disk,
             out: &image,
             log: &self.log,
             agent_id: &self.opts.agent_id,
             work_dir: &mounts,
         };
-        let built = build(&req, &mut on_event, &self.beat.abort);
-        let manifest = built.map_err(|e| {
-            let phase = failed_in.or(open).unwrap_or("build");
-            self.beat.set(|st| st.phase = phase.to_string());
+        let manifest = build(&req, &mut on_event, &self.beat.abort).map_err(|e| {
+            self.beat.set(|st| st.phase = e.phase);
             anyhow!(e.one_line())
         })?;
         self.beat.set(|st| {
             st.state = AgentState::Uploading;
-            st.phase = "upload".into();
+            st.phase = Phase::Upload;
             st.progress = 0.0;
+            st.bytes_done = 0;
+            st.bytes_total = 0;
             st.message = format!("{} bytes", manifest.image_size);
         });
         self.log.line(&format!(
@@ -181,11 +217,11 @@ impl<'a> HeldJob<'a> {
 
     /// Tells the master how the job ended: the last heartbeat, and on a
     /// failure the job log first.
-    fn report(&self, result: Result<()>, say: &mut dyn FnMut(&str)) -> Result<()> {
+    fn report(&self, result: Result<()>) -> Result<()> {
         let job = &self.lease.job;
         if let Some(why) = self.beat.lost() {
             self.log.line(&format!("stopped: {why}"));
-            say(&format!("{job}: stopped: {why}"));
+            self.say(&format!("{job}: stopped: {why}"));
             bail!("stopped: {why}");
         }
         match result {
@@ -199,7 +235,7 @@ impl<'a> HeldJob<'a> {
                         .reconnect()
                         .and_then(|fs| Ok(heartbeat(&fs, self.lease, &status)?));
                     if let Err(e) = retried {
-                        say(&format!("{job}: the final status was not written: {e:#}"));
+                        self.say(&format!("{job}: the final status was not written: {e:#}"));
                     }
                 }
                 Ok(())
@@ -233,12 +269,12 @@ pub(super) fn do_job(
     stop: &AtomicBool,
     say: &mut dyn FnMut(&str),
 ) -> Result<()> {
-    let held = HeldJob::open(opts, server, spool, lease, stop)?;
+    let held = HeldJob::open(opts, server, spool, lease, stop, say)?;
     let result = std::thread::scope(|s| {
         s.spawn(|| heartbeats(opts, server, lease, &held.beat));
-        let r = held.work(say);
+        let r = held.work();
         held.beat.finish();
         r
     });
-    held.report(result, say)
+    held.report(result)
 }

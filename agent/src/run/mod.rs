@@ -30,7 +30,8 @@ pub struct RunOptions {
     pub agent_id: String,
     /// The disk to build on (overrides the config's `disk`).
     pub disk: PathBuf,
-    /// Scratch space: the payload cache, images, job logs, mount points.
+    /// Scratch space: job logs, mount points, images. Payloads are
+    /// streamed, never stored here.
     pub work_dir: PathBuf,
     /// Do one job (or find none) and return.
     pub once: bool,
@@ -50,8 +51,6 @@ pub fn run(opts: &RunOptions, stop: &AtomicBool, say: &mut dyn FnMut(&str)) -> R
     if opts.config.servers.is_empty() {
         bail!("the agent config names no [[servers]]");
     }
-    std::fs::create_dir_all(opts.work_dir.join("cache"))
-        .with_context(|| format!("creating {}", opts.work_dir.join("cache").display()))?;
     let n = opts.config.servers.len();
     let mut next = 0;
     loop {

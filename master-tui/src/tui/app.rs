@@ -176,7 +176,7 @@ impl App {
                 j.id.as_str(),
                 j.state.as_str(),
                 j.holder.as_deref().unwrap_or(""),
-                j.phase.as_deref().unwrap_or(""),
+                j.phase.map_or("", |p| p.as_str()),
             ];
             if matches(&fields) {
                 if j.state.is_active() {

@@ -39,7 +39,7 @@ pub struct AgentRow {
     pub server: String,
     /// The job it holds now, if any.
     pub job: Option<String>,
-    pub phase: Option<String>,
+    pub phase: Option<kiln_spool::status::Phase>,
     /// Its latest heartbeat on any job.
     pub last_heartbeat: Option<Timestamp>,
     /// Jobs it built whose images were published.
@@ -164,7 +164,7 @@ fn collect_agents(jobs: &[JobView], statuses: &[Status]) -> Vec<AgentRow> {
             a.done += 1;
         } else if j.state.is_active() {
             a.job = Some(j.id.clone());
-            a.phase = j.phase.clone();
+            a.phase = j.phase;
         }
     }
     agents.into_values().collect()

@@ -13,7 +13,7 @@ use kiln_spool::master::reap;
 use kiln_spool::master::{add_job, cancel, init};
 use kiln_spool::queue::read_job_list;
 use kiln_spool::spool::{incoming_dir, job_path, log_path, payload_path};
-use kiln_spool::status::{AgentState, Status};
+use kiln_spool::status::{AgentState, Phase, Status};
 use kiln_spool::time::Timestamp;
 use kiln_spool::upload::{chunk_name, Chunk, ChunkList, CHUNKS, JOB_LOG, MANIFEST};
 use kiln_spool::{LocalSpool, SpoolFs};
@@ -87,8 +87,34 @@ fn beat(
     lease: &Lease,
     server: &str,
     state: AgentState,
-    phase: &str,
+    phase: Phase,
     progress: f32,
+    message: &str,
+    updated: u64,
+) {
+    beat_bytes(
+        spool,
+        lease,
+        server,
+        state,
+        phase,
+        progress,
+        (0, 0),
+        message,
+        updated,
+    );
+}
+
+/// A heartbeat that counts `bytes`, done and in all, of its phase.
+#[allow(clippy::too_many_arguments)]
+fn beat_bytes(
+    spool: &LocalSpool,
+    lease: &Lease,
+    server: &str,
+    state: AgentState,
+    phase: Phase,
+    progress: f32,
+    bytes: (u64, u64),
     message: &str,
     updated: u64,
 ) {
@@ -98,8 +124,10 @@ fn beat(
         token: lease.token.clone(),
         server: server.into(),
         state,
-        phase: phase.into(),
+        phase,
         progress,
+        bytes_done: bytes.0,
+        bytes_total: bytes.1,
         message: message.into(),
         started: lease.acquired,
         updated: at(updated),
@@ -198,13 +226,14 @@ pub fn build(root: &Path) -> LocalSpool {
     add(&spool, "build-04", 600, "20m", 3, 0);
     let a = claim(&spool, "agent-a", 60);
     seen(&spool, 60);
-    beat(
+    beat_bytes(
         &spool,
         &a,
         "10.0.0.1:22",
         AgentState::Building,
-        "payloads",
+        Phase::Payloads,
         0.4,
+        (292 << 20, 731 << 20),
         "",
         1170,
     );
@@ -223,7 +252,7 @@ pub fn build(root: &Path) -> LocalSpool {
         &b,
         "10.0.0.1:22",
         AgentState::Uploading,
-        "upload",
+        Phase::Upload,
         0.7,
         "",
         1000,
@@ -237,7 +266,7 @@ pub fn build(root: &Path) -> LocalSpool {
         &c,
         "10.0.0.2:22",
         AgentState::Uploaded,
-        "upload",
+        Phase::Upload,
         1.0,
         "",
         390,
@@ -250,7 +279,7 @@ pub fn build(root: &Path) -> LocalSpool {
         &d,
         "10.0.0.2:22",
         AgentState::Failed,
-        "partition",
+        Phase::Partition,
         0.0,
         "sfdisk exited with status 1",
         330,
@@ -285,7 +314,9 @@ pub fn console(root: &Path) -> App {
 /// An agent id as a hostile agent writes it: a window title and a C1 CSI
 /// that clears the screen.
 pub const EVIL_AGENT: &str = "evil\x1b]0;pwned\x07\u{9b}2J";
-/// A phase that clears the screen and returns the cursor.
+/// Text that clears the screen and returns the cursor (a status's phase
+/// cannot carry it: the phase is one of the job's phases or the status is
+/// set aside).
 pub const EVIL_PHASE: &str = "\x1b[2Jpayloads\r";
 /// A message that writes the clipboard (OSC 52) and reverses what follows.
 pub const EVIL_MESSAGE: &str = "\x1b]52;c;cm0gLXJmIH4=\x07copied\u{202e}gnp.exe\x08\x08";
@@ -295,7 +326,7 @@ pub const EVIL_SERVER: &str = "\x1b[31m10.0.0.9:22\x08\x08\u{2066}";
 pub const EVIL_LOG: &str = "\x1b[1;31merror\x1b[0m: disk\n\x1b]0;pwned\x07title gone\n\x1b]52;c;cm0=\x07clip\rover\n\u{9b}2Jcleared\n\tindented \u{202e}reversed\n";
 
 /// Adds to a [`build`] spool three jobs whose agent writes hostile strings
-/// everywhere it can: its id (in the lease), its status's phase, message and
+/// everywhere it can: its id (in the lease), its status's message and
 /// server, and its job log.
 ///
 /// | job     | state    | how                                          |
@@ -312,7 +343,7 @@ pub fn add_hostile(spool: &LocalSpool) {
         &a,
         EVIL_SERVER,
         AgentState::Building,
-        EVIL_PHASE,
+        Phase::Payloads,
         0.3,
         EVIL_MESSAGE,
         1190,
@@ -329,7 +360,7 @@ pub fn add_hostile(spool: &LocalSpool) {
         &b,
         EVIL_SERVER,
         AgentState::Uploaded,
-        EVIL_PHASE,
+        Phase::Payloads,
         1.0,
         EVIL_MESSAGE,
         640,
@@ -342,7 +373,7 @@ pub fn add_hostile(spool: &LocalSpool) {
         &c,
         EVIL_SERVER,
         AgentState::Failed,
-        EVIL_PHASE,
+        Phase::Payloads,
         0.0,
         EVIL_MESSAGE,
         670,

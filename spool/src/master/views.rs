@@ -9,7 +9,7 @@ use crate::master::{HistoryRecord, JobState, MasterError, Result};
 use crate::names::check_job_id;
 use crate::queue::{read_job_list, Entry, EntryState};
 use crate::spool::{history_path, SpoolFs, HISTORY};
-use crate::status::{AgentState, Status};
+use crate::status::{AgentState, Phase, Status};
 use crate::time::Timestamp;
 use crate::untrusted;
 
@@ -21,8 +21,10 @@ pub struct JobView {
     pub state: JobState,
     /// Agent holding the lease, or that built the image for done jobs.
     pub holder: Option<String>,
-    pub phase: Option<String>,
+    pub phase: Option<Phase>,
     pub progress: Option<f32>,
+    /// Bytes of the phase done and in all, when the phase counts them.
+    pub bytes: Option<(u64, u64)>,
     pub deadline: Option<Timestamp>,
     /// Seconds left on the lease at the time of the view.
     pub remaining: Option<i64>,
@@ -62,8 +64,12 @@ pub(crate) fn view_entry(fs: &dyn SpoolFs, e: &Entry, now: Timestamp) -> Result<
         priority: e.priority,
         state,
         holder: lease.as_ref().map(|l| l.agent.clone()),
-        phase: status.as_ref().map(|s| s.phase.clone()),
+        phase: status.as_ref().map(|s| s.phase),
         progress: status.as_ref().map(|s| s.progress),
+        bytes: status
+            .as_ref()
+            .filter(|s| s.bytes_total > 0)
+            .map(|s| (s.bytes_done, s.bytes_total)),
         deadline: lease.as_ref().map(|l| l.deadline),
         remaining: lease.as_ref().map(|l| l.remaining(now)),
         attempts: e.attempts,
@@ -87,6 +93,7 @@ fn view_history(h: &HistoryRecord) -> JobView {
         holder: Some(h.agent.clone()),
         phase: None,
         progress: None,
+        bytes: None,
         deadline: None,
         remaining: None,
         attempts: h.entry.attempts,

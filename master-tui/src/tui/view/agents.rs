@@ -48,7 +48,7 @@ pub fn draw(app: &App, theme: Theme, f: &mut Frame, area: Rect, focused: bool) {
                 Cell::from(printable(&a.id).into_owned()),
                 Cell::from(printable(&a.server).into_owned()),
                 Cell::from(printable(a.job.as_deref().unwrap_or("")).into_owned()),
-                Cell::from(printable(a.phase.as_deref().unwrap_or("")).into_owned()),
+                Cell::from(a.phase.map_or("", |p| p.as_str())),
                 heartbeat,
                 Cell::from(format!("{:>4}", a.done)),
             ])

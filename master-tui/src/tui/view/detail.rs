@@ -88,7 +88,7 @@ fn status_lines(app: &App, theme: Theme, j: &JobView) -> Vec<Line<'static>> {
     if let Some(s) = &j.status {
         let mut spans = vec![
             label("phase", theme),
-            Span::raw(format!("{} {}", printable(&s.phase), gauge(s.progress, 10))),
+            Span::raw(format!("{} {}", s.phase, gauge(s.progress, 10))),
             Span::styled(
                 format!(
                     "  heartbeat {} ago, since {} ago",
@@ -105,6 +105,9 @@ fn status_lines(app: &App, theme: Theme, j: &JobView) -> Vec<Line<'static>> {
             ));
         }
         lines.push(Line::from(spans));
+        if s.bytes_total > 0 {
+            lines.push(Line::from(vec![label("bytes", theme), Span::raw(bytes(s))]));
+        }
     }
     if !j.message.is_empty() {
         let style = if matches!(
@@ -245,4 +248,13 @@ pub fn draw_log(app: &App, theme: Theme, f: &mut Frame, area: Rect) {
         .map(|l| Line::from(l.as_str()))
         .collect();
     f.render_widget(Paragraph::new(lines), inner);
+}
+
+/// `412.0 MiB / 731.0 MiB` of the phase.
+fn bytes(s: &kiln_spool::status::Status) -> String {
+    format!(
+        "{} / {}",
+        kiln_spool::units::human_bytes(s.bytes_done),
+        kiln_spool::units::human_bytes(s.bytes_total)
+    )
 }

@@ -125,7 +125,7 @@ fn job_row(j: &JobView, now: Timestamp, theme: Theme, bar: usize) -> Row<'static
         Cell::from(format!("{:>4}", j.priority)),
         Cell::from(j.state.as_str()).style(theme.state(j.state)),
         Cell::from(printable(j.holder.as_deref().unwrap_or("")).into_owned()),
-        Cell::from(printable(j.phase.as_deref().unwrap_or("")).into_owned()),
+        Cell::from(j.phase.map_or("", |p| p.as_str())),
         progress,
         left,
         Cell::from(if j.max_attempts > 0 {
