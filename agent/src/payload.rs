@@ -468,3 +468,143 @@ fn set_xattrs(f: &File, xattrs: &[(CString, Vec<u8>)]) -> std::result::Result<()
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Payloads held in memory, handed out a few bytes per read, as a
+    /// network stream may.
+    struct Trickle(Vec<(Vec<u8>, usize)>);
+
+    struct Chunks<'a> {
+        data: &'a [u8],
+        step: usize,
+    }
+
+    impl Read for Chunks<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.step.min(buf.len()).min(self.data.len());
+            buf[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            Ok(n)
+        }
+    }
+
+    impl PayloadSource for Trickle {
+        fn check(&self, _: &[Payload]) -> Result<Vec<u64>> {
+            Ok(self.0.iter().map(|(d, _)| d.len() as u64).collect())
+        }
+
+        fn open(&self, i: usize, _: &Payload) -> Result<Box<dyn Read + '_>> {
+            let (data, step) = &self.0[i];
+            Ok(Box::new(Chunks { data, step: *step }))
+        }
+    }
+
+    fn archive(files: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, data) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
+            h.set_cksum();
+            b.append_data(&mut h, name, *data).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    fn pinned(name: &str, data: &[u8]) -> Payload {
+        Payload {
+            name: name.into(),
+            blake3: Some(blake3::hash(data).to_hex().to_string()),
+            dest: "/".into(),
+        }
+    }
+
+    fn apply(source: &Trickle, payloads: &[Payload], target: &Path) -> Result<Vec<PayloadHash>> {
+        let sizes = source.check(payloads)?;
+        let mut events = Vec::new();
+        let r = apply_payloads(
+            source,
+            payloads,
+            &sizes,
+            target,
+            &JobLog::discard(),
+            &mut |e| events.push(e.clone()),
+            &AtomicBool::new(false),
+        );
+        // Progress counts source bytes and ends at their total.
+        if r.is_ok() {
+            let last = events.iter().rev().find_map(|e| match e.kind {
+                crate::progress::EventKind::Progress { done, total } => Some((done, total)),
+                _ => None,
+            });
+            let total: u64 = sizes.iter().sum();
+            assert_eq!(last, Some((total, total)));
+        }
+        r
+    }
+
+    #[test]
+    fn a_stream_read_a_few_bytes_at_a_time_is_extracted_and_hashed() {
+        let target = tempfile::tempdir().unwrap();
+        let plain = archive(&[("etc/os-release", b"NAME=kiln\n")]);
+        let zst = zstd::encode_all(&archive(&[("srv/app", &[7u8; 100_000])])[..], 3).unwrap();
+        let source = Trickle(vec![(plain.clone(), 3), (zst.clone(), 1000)]);
+        let payloads = [pinned("os.tar", &plain), pinned("app.tar.zst", &zst)];
+        let hashes = apply(&source, &payloads, target.path()).unwrap();
+        assert_eq!(
+            std::fs::read(target.path().join("etc/os-release")).unwrap(),
+            b"NAME=kiln\n"
+        );
+        assert_eq!(
+            std::fs::read(target.path().join("srv/app")).unwrap(),
+            vec![7u8; 100_000]
+        );
+        let got: Vec<&str> = hashes.iter().map(|h| h.blake3.as_str()).collect();
+        assert_eq!(
+            got,
+            [
+                payloads[0].blake3.as_deref().unwrap(),
+                payloads[1].blake3.as_deref().unwrap()
+            ]
+        );
+    }
+
+    #[test]
+    fn a_stream_that_does_not_match_its_pin_fails_naming_the_payload() {
+        let target = tempfile::tempdir().unwrap();
+        let good = archive(&[("a", &[1u8; 5000])]);
+        let mut bad = good.clone();
+        // A byte of the file's data: the archive still reads, the hash differs.
+        bad[512 + 100] ^= 0xff;
+        let source = Trickle(vec![(bad, 4096)]);
+        let e = apply(&source, &[pinned("os.tar", &good)], target.path())
+            .unwrap_err()
+            .one_line();
+        assert!(
+            e.starts_with("payloads[0] \"os.tar\": BLAKE3 ")
+                && e.contains("does not match the pinned"),
+            "{e}"
+        );
+
+        // A compressed stream that breaks: the hash is named as the reason.
+        let zst = zstd::encode_all(&good[..], 3).unwrap();
+        let mut broken = zst.clone();
+        let at = broken.len() / 2;
+        broken[at] ^= 0xff;
+        let source = Trickle(vec![(broken, 4096)]);
+        let e = apply(&source, &[pinned("os.tar.zst", &zst)], target.path())
+            .unwrap_err()
+            .one_line();
+        assert!(
+            e.starts_with("payloads[0] \"os.tar.zst\": BLAKE3 ")
+                && e.contains("does not match the pinned"),
+            "{e}"
+        );
+    }
+}
