@@ -11,7 +11,7 @@ use kiln_spool::job::{FsKind, JobSpec};
 use kiln_spool::manifest::{ImageManifest, PayloadHash, PhaseTime};
 use kiln_spool::time::Timestamp;
 
-use crate::capture::{capture, CaptureOptions};
+use crate::capture::{capture_to, CaptureOptions, FileSink, ImageSink};
 use crate::configure::{configure, mount_depth, FsEntry};
 use crate::disk::loopdev::LoopDevice;
 use crate::disk::mkfs::{make_fs, FsId};
@@ -129,6 +129,24 @@ pub fn build(
     events: &mut dyn FnMut(&Event),
     abort: &AtomicBool,
 ) -> Result<ImageManifest, BuildError> {
+    let manifest = build_into(req, &mut FileSink::new(req.out), 0, events, abort)?;
+    write_manifest(req.out, &manifest).map_err(|error| BuildError {
+        phase: Phase::Capture,
+        error,
+    })?;
+    Ok(manifest)
+}
+
+/// [`build`] with the image captured into `sink` (with `workers` zstd
+/// workers, 0 for the CPUs) instead of `req.out`, and no manifest file:
+/// the manifest is returned once the sink is finished.
+pub fn build_into(
+    req: &BuildRequest,
+    sink: &mut dyn ImageSink,
+    workers: u32,
+    events: &mut dyn FnMut(&Event),
+    abort: &AtomicBool,
+) -> Result<ImageManifest, BuildError> {
     let started = Timestamp::now();
     let log = req.log.clone();
     log.line(&format!(
@@ -143,7 +161,7 @@ pub fn build(
         current: Phase::Check,
         failed: None,
     };
-    let r = build_phases(req, &mut phases, abort, started);
+    let r = build_phases(req, &mut phases, sink, workers, abort, started);
     if let Err(e) = &r {
         log.line(&format!("build failed: {}", e.one_line()));
     }
@@ -157,6 +175,8 @@ pub fn build(
 fn build_phases(
     req: &BuildRequest,
     phases: &mut Phases,
+    sink: &mut dyn ImageSink,
+    workers: u32,
     abort: &AtomicBool,
     started: Timestamp,
 ) -> Result<ImageManifest> {
@@ -222,12 +242,12 @@ fn build_phases(
 
     let capture_opts = CaptureOptions {
         level: job.image.compression_level,
-        threads: 0,
+        threads: workers,
     };
     // The loop device is detached; an image file is captured as a file.
     let cap_src = req.disk.to_path_buf();
     let cap = phases.run(Phase::Capture, |ev| {
-        capture(&cap_src, req.out, &capture_opts, ev, abort)
+        capture_to(&cap_src, sink, &capture_opts, ev, abort)
     })?;
     for n in &cap.notes {
         req.log.line(&format!("capture: {n}"));
@@ -248,7 +268,6 @@ fn build_phases(
         phases: phases.times.clone(),
         ranges: cap.ranges,
     };
-    write_manifest(req.out, &manifest)?;
     Ok(manifest)
 }
 

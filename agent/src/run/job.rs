@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use kiln_spool::agent::claim::heartbeat;
 use kiln_spool::agent_config::Server;
 use kiln_spool::lease::Lease;
@@ -17,11 +17,11 @@ use kiln_spool::time::Timestamp;
 
 use super::download::{download_job, ServerPayloads};
 use super::heartbeat::{heartbeats, Beat};
-use super::upload::upload_resuming;
+use super::upload::build_and_upload;
 use super::{connect, RunOptions};
 use crate::joblog::JobLog;
 use crate::progress::{Event, EventKind, Phase, ProgressLine};
-use crate::{build, manifest_path_for, BuildRequest};
+use crate::BuildRequest;
 
 /// A claimed job and everything the agent keeps for it while it holds it.
 pub(super) struct HeldJob<'a> {
@@ -182,25 +182,7 @@ impl<'a> HeldJob<'a> {
             agent_id: &self.opts.agent_id,
             work_dir: &mounts,
         };
-        let manifest = build(&req, &mut on_event, &self.beat.abort).map_err(|e| {
-            self.beat.set(|st| st.phase = e.phase);
-            anyhow!(e.one_line())
-        })?;
-        self.beat.set(|st| {
-            st.state = AgentState::Uploading;
-            st.phase = Phase::Upload;
-            st.progress = 0.0;
-            st.bytes_done = 0;
-            st.bytes_total = 0;
-            st.message = format!("{} bytes", manifest.image_size);
-        });
-        self.log.line(&format!(
-            "uploading {} ({} bytes)",
-            image.display(),
-            manifest.image_size
-        ));
-        self.log.sync();
-        let report = upload_resuming(self, &image, &manifest)?;
+        let report = build_and_upload(self, &req, &mut on_event)?;
         self.beat.set(|st| {
             st.state = AgentState::Uploaded;
             st.progress = 1.0;
@@ -209,9 +191,6 @@ impl<'a> HeldJob<'a> {
                 report.sent, report.skipped
             );
         });
-        // Free the scratch space (in RAM on a PXE-booted machine).
-        let _ = std::fs::remove_file(&image);
-        let _ = std::fs::remove_file(manifest_path_for(&image));
         Ok(())
     }
 

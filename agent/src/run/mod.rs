@@ -118,6 +118,10 @@ fn try_server(
     say: &mut dyn FnMut(&str),
 ) -> Result<Option<String>> {
     let spool = connect(opts, server)?;
+    // An upload this agent was streaming when it stopped comes first.
+    if let Some(job) = upload::take_up(opts, server, &spool, say)? {
+        return Ok(Some(job));
+    }
     let Some(lease) =
         claim_next(&spool, &opts.agent_id, Timestamp::now()).context("claiming a job")?
     else {
