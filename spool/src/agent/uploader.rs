@@ -519,8 +519,11 @@ impl<'a> Sender<'a> {
             };
             let index = self.list.chunks.len();
             self.state.chunk = index;
-            self.state.chunks = index + 1;
-            self.state.bytes_total += buf.len() as u64;
+            self.state.chunks = self.state.chunks.max(index + 1);
+            self.state.bytes_total = self
+                .state
+                .bytes_total
+                .max(self.list.total_size + buf.len() as u64);
             let sent = self.retrying(|fs, s| s.put_chunk(fs, index, &buf, &d))?;
             if sent {
                 self.state.sent += 1;
@@ -737,6 +740,8 @@ pub fn upload(
         free,
     } = pipes(plan);
     let mut sender = Sender::new(fs, lease, plan.chunk_size, None, progress);
+    sender.state.bytes_total = total;
+    sender.state.chunks = total.div_ceil(plan.chunk_size) as usize;
     sender.start()?;
     // The file is read on a thread of its own and hashed on another, a
     // few chunks ahead, while this one only talks to the server.
