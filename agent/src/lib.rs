@@ -10,6 +10,7 @@ pub mod build;
 pub mod capture;
 pub mod chroot;
 pub mod command;
+pub mod compression;
 pub mod configure;
 pub mod disk;
 pub mod error;

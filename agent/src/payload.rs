@@ -1,6 +1,6 @@
 //! Payloads: where they come from ([`PayloadSource`]: a directory, or the
 //! job server), and their extraction, streamed, into the target: tar,
-//! tar.zst and tar.gz archives with modes, owners, symlinks, hardlinks,
+//! tar.zst, tar.gz and tar.xz archives ([`crate::compression`]) with modes, owners, symlinks, hardlinks,
 //! xattrs and device nodes. Every entry is placed through [`Tree`], so none
 //! can land outside the payload's `dest`, and no symlink, whoever made it,
 //! is followed out of it. That is why a stream can be extracted before its
@@ -21,6 +21,7 @@ use kiln_spool::manifest::PayloadHash;
 use kiln_spool::stream::{digest, HashReader, Progress};
 use tar::EntryType;
 
+use crate::compression::decompressor;
 use crate::error::{check_abort, Context, Error, Result};
 use crate::joblog::JobLog;
 use crate::progress::{Event, Phase, Throttle};
@@ -174,29 +175,9 @@ fn drain(r: &mut dyn Read, abort: &AtomicBool) -> io::Result<()> {
 }
 
 /// Undoes an archive's compression, recognised by its magic bytes.
-fn decompress<'a>(mut src: impl Read + 'a, name: &str) -> Result<Box<dyn Read + 'a>> {
-    let mut magic = [0u8; 4];
-    let mut n = 0;
-    while n < magic.len() {
-        match src.read(&mut magic[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e).ctx(|| format!("reading payload {name:?}")),
-        }
-    }
-    let head = io::Cursor::new(magic[..n].to_vec());
-    let whole = BufReader::with_capacity(READ_BUFFER, head.chain(src));
-    Ok(if n == 4 && magic == [0x28, 0xb5, 0x2f, 0xfd] {
-        Box::new(
-            zstd::stream::read::Decoder::with_buffer(whole)
-                .ctx(|| format!("starting zstd for payload {name:?}"))?,
-        )
-    } else if n >= 2 && magic[..2] == [0x1f, 0x8b] {
-        Box::new(flate2::read::MultiGzDecoder::new(whole))
-    } else {
-        Box::new(whole)
-    })
+fn decompress<'a>(src: impl Read + 'a, name: &str) -> Result<Box<dyn Read + 'a>> {
+    let (_, r) = decompressor(src).ctx(|| format!("reading payload {name:?}"))?;
+    Ok(r)
 }
 
 /// Extracts one archive stream into `dest` (a directory inside `target`),

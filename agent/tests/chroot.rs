@@ -3,19 +3,22 @@
 //! resolv.conf while they run, `KILN_DISK` and `KILN_ROOT_DEVICE`; every
 //! mount is undone, also when a step fails, and a daemon a step leaves
 //! behind neither hangs the build nor survives it. Then the image is
-//! generalized, and `[boot]` refuses a payload without its loader.
+//! generalized, and `[boot]` refuses a payload without its loader. The
+//! payloads come as tar.xz and tar.gz.
 
 mod common;
 
+use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 
 use common::*;
 
 /// busybox as the applets the steps use, a resolv.conf, a machine-id and
-/// an SSH host key of the "build machine".
+/// an SSH host key of the "build machine"; compressed as the name says
+/// (`.tar`, `.tar.gz`, `.tar.xz`).
 fn payload(path: &Path) {
-    let mut b = tar::Builder::new(std::fs::File::create(path).unwrap());
+    let mut b = tar::Builder::new(Vec::new());
     for dir in [
         "bin",
         "etc",
@@ -54,7 +57,20 @@ fn payload(path: &Path) {
         b.append_data(&mut h, format!("./{path}"), text.as_bytes())
             .unwrap();
     }
-    b.into_inner().unwrap().sync_all().unwrap();
+    let tar = b.into_inner().unwrap();
+    let name = path.to_string_lossy();
+    let packed = if name.ends_with(".tar.xz") {
+        let mut e = liblzma::write::XzEncoder::new(Vec::new(), 1);
+        e.write_all(&tar).unwrap();
+        e.finish().unwrap()
+    } else if name.ends_with(".tar.gz") {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(&tar).unwrap();
+        e.finish().unwrap()
+    } else {
+        tar
+    };
+    std::fs::write(path, packed).unwrap();
 }
 
 fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
@@ -95,7 +111,7 @@ fs = "ext4"
 mount = "/"
 
 [[payloads]]
-name = "root.tar"
+name = "root.tar.xz"
 
 [[steps]]
 name = "report"
@@ -138,7 +154,7 @@ fn target_steps_get_a_real_chroot_that_is_undone() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     std::fs::create_dir(dir.join("payloads")).unwrap();
-    payload(&dir.join("payloads/root.tar"));
+    payload(&dir.join("payloads/root.tar.xz"));
     let started = std::time::Instant::now();
     let out = build(dir, &job(""), "64MiB");
     let log = std::fs::read_to_string(dir.join("image.log")).unwrap_or_default();
@@ -228,7 +244,7 @@ fn a_failing_step_leaves_no_mount_and_no_process_and_a_wiped_table() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     std::fs::create_dir(dir.join("payloads")).unwrap();
-    payload(&dir.join("payloads/root.tar"));
+    payload(&dir.join("payloads/root.tar.xz"));
     let out = build(
         dir,
         &job("[[steps]]\nname = \"fails\"\nrun = \"setsid sleep 3000 & exit 3\"\n\n[image]\ngeneralize = false\n"),
@@ -250,7 +266,7 @@ fn a_payload_without_the_loader_is_refused_by_package_name() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     std::fs::create_dir(dir.join("payloads")).unwrap();
-    payload(&dir.join("payloads/root.tar"));
+    payload(&dir.join("payloads/root.tar.gz"));
     let job = r#"
 id = "noloader"
 [disk]
@@ -262,7 +278,7 @@ kind = "linux"
 fs = "ext4"
 mount = "/"
 [[payloads]]
-name = "root.tar"
+name = "root.tar.gz"
 [boot]
 firmware = "bios"
 "#;
