@@ -1,7 +1,7 @@
 //! Payloads: where they come from ([`PayloadSource`]: a directory, or the
 //! job server), and their extraction, streamed, into the target: tar,
-//! tar.zst, tar.gz and tar.xz archives ([`crate::compression`]) with modes, owners, symlinks, hardlinks,
-//! xattrs and device nodes. Every entry is placed through [`Tree`], so none
+//! tar.zst, tar.gz and tar.xz archives ([`crate::compression`]) with modes,
+//! owners, symlinks, hardlinks, xattrs and device nodes. Every entry is placed through [`Tree`], so none
 //! can land outside the payload's `dest`, and no symlink, whoever made it,
 //! is followed out of it. That is why a stream can be extracted before its
 //! BLAKE3 is known: a payload that turns out not to match its pin has
