@@ -268,6 +268,7 @@ fn manifest_for(job: &str, cap: &kiln_agent::capture::CaptureResult) -> ImageMan
         finished: now,
         phases: vec![],
         ranges: cap.ranges.clone(),
+        generalized: Vec::new(),
     }
 }
 

@@ -11,7 +11,9 @@ use kiln_spool::job::{FsKind, JobSpec};
 use kiln_spool::manifest::{ImageManifest, PayloadHash, PhaseTime};
 use kiln_spool::time::Timestamp;
 
+use crate::boot;
 use crate::capture::{capture_to, CaptureOptions, FileSink, ImageSink};
+use crate::chroot::{Target, TargetDisk};
 use crate::configure::{configure, mount_depth, FsEntry};
 use crate::disk::loopdev::LoopDevice;
 use crate::disk::mkfs::{make_fs, FsId};
@@ -19,13 +21,11 @@ use crate::disk::mount::Mount;
 use crate::disk::partition::{expose_partitions, wipe_table, write_table};
 use crate::disk::plan::{plan, DiskPlan};
 use crate::error::{check_abort, Context, Error, Result};
+use crate::generalize::{generalize, manifest_lines};
+use crate::initramfs;
 use crate::joblog::JobLog;
 use crate::payload::{apply_payloads, PayloadSource};
 use crate::progress::{Event, EventKind, Phase};
-use crate::boot;
-use crate::chroot::{Target, TargetDisk};
-use crate::generalize::generalize;
-use crate::initramfs;
 use crate::steps::run_step;
 use crate::tree::Tree;
 
@@ -237,7 +237,7 @@ fn build_phases(
             )),
         }
     }
-    let payloads = r?;
+    let (payloads, generalized) = r?;
     drop(loopdev);
 
     let capture_opts = CaptureOptions {
@@ -267,6 +267,7 @@ fn build_phases(
         finished: Timestamp::now(),
         phases: phases.times.clone(),
         ranges: cap.ranges,
+        generalized,
     };
     Ok(manifest)
 }
@@ -281,7 +282,8 @@ pub fn write_manifest(image: &Path, manifest: &ImageManifest) -> Result<PathBuf>
 }
 
 /// The phases that change the disk, from partitioning to the final
-/// unmount. Returns the hash of each payload as it was streamed.
+/// unmount. Returns the hash of each payload as it was streamed, and what
+/// generalizing removed.
 fn destructive(
     req: &BuildRequest,
     phases: &mut Phases,
@@ -289,7 +291,7 @@ fn destructive(
     dev: &Path,
     disk_plan: &DiskPlan,
     payload_sizes: &[u64],
-) -> Result<Vec<PayloadHash>> {
+) -> Result<(Vec<PayloadHash>, Vec<String>)> {
     let job = req.job;
     let log = req.log;
     let nodes = phases.run(Phase::Partition, |_| {
@@ -331,7 +333,7 @@ fn destructive(
     std::fs::set_permissions(&root_dir, std::fs::Permissions::from_mode(0o700))
         .ctx(|| format!("restricting {}", root_dir.display()))?;
     let mut mounted: Vec<Mount> = Vec::new();
-    let result = (|| -> Result<Vec<PayloadHash>> {
+    let result = (|| -> Result<(Vec<PayloadHash>, Vec<String>)> {
         phases.run(Phase::Mount, |_| {
             let mut order: Vec<(usize, &str)> = disk_plan
                 .partitions
@@ -388,7 +390,7 @@ fn destructive(
             }
             Ok(())
         })?;
-        phases.run(Phase::Steps, |ev| {
+        let generalized = phases.run(Phase::Steps, |ev| {
             let env = target.disk().step_env();
             for (i, s) in job.steps.iter().enumerate() {
                 check_abort(abort)?;
@@ -402,13 +404,13 @@ fn destructive(
                 run_step(s, &root_dir, target.entered(), &env, &job.id, log, abort)?;
             }
             target.leave()?;
-            if job.image.generalize {
-                let tree = target.tree()?;
-                generalize(&tree, log)?;
+            if !job.image.generalize {
+                return Ok(Vec::new());
             }
-            Ok(())
+            let tree = target.tree()?;
+            Ok(manifest_lines(generalize(&tree, log)?))
         })?;
-        Ok(hashes)
+        Ok((hashes, generalized))
     })();
     let unmounted = phases.run(Phase::Unmount, |_| {
         let mut first_err = None;

@@ -16,6 +16,8 @@ use nix::fcntl::{openat, OFlag};
 use nix::sys::stat::Mode;
 use nix::unistd::{unlinkat, UnlinkatFlags};
 
+use kiln_spool::manifest::{MAX_GENERALIZED, MAX_GENERALIZED_LINE};
+
 use crate::error::{Error, Result};
 use crate::joblog::JobLog;
 use crate::tree::{Tree, TreeError};
@@ -59,6 +61,39 @@ const DIRS: [(&str, Option<&str>); 10] = [
     ("var/tmp", None),
     ("etc/ssh", Some("_key.pub")),
 ];
+
+/// `removed` as the manifest holds it: control characters (a file name
+/// may hold any) shown as `?`, each line and their number bounded.
+pub fn manifest_lines(removed: Vec<String>) -> Vec<String> {
+    let total = removed.len();
+    let mut out: Vec<String> = removed
+        .into_iter()
+        .take(if total > MAX_GENERALIZED {
+            MAX_GENERALIZED - 1
+        } else {
+            total
+        })
+        .map(|l| {
+            let mut l: String = l
+                .chars()
+                .map(|c| if c.is_control() { '?' } else { c })
+                .collect();
+            if l.len() > MAX_GENERALIZED_LINE {
+                let mut end = MAX_GENERALIZED_LINE - 3;
+                while !l.is_char_boundary(end) {
+                    end -= 1;
+                }
+                l.truncate(end);
+                l.push_str("...");
+            }
+            l
+        })
+        .collect();
+    if total > out.len() {
+        out.push(format!("... and {} more", total - out.len()));
+    }
+    out
+}
 
 /// Generalizes the target; returns one line per thing removed.
 pub fn generalize(tree: &Tree, log: &JobLog) -> Result<Vec<String>> {
@@ -256,6 +291,21 @@ mod tests {
 
     fn joblog(dir: &Path) -> JobLog {
         JobLog::create(&dir.join("log")).unwrap()
+    }
+
+    #[test]
+    fn the_manifest_gets_bounded_printable_lines() {
+        let lines = manifest_lines(vec!["/tmp/a\nb".into(), "x".repeat(2000)]);
+        assert_eq!(lines[0], "/tmp/a?b");
+        assert_eq!(lines[1].len(), MAX_GENERALIZED_LINE);
+        assert!(lines[1].ends_with("..."));
+        let many = manifest_lines((0..1000).map(|i| i.to_string()).collect());
+        assert_eq!(many.len(), MAX_GENERALIZED);
+        assert_eq!(
+            many[MAX_GENERALIZED - 1],
+            format!("... and {} more", 1000 - (MAX_GENERALIZED - 1))
+        );
+        assert!(kiln_spool::untrusted::check_generalized(&many).is_ok());
     }
 
     #[test]

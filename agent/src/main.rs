@@ -295,6 +295,7 @@ fn run_capture(
             seconds,
         }],
         ranges: cap.ranges,
+        generalized: Vec::new(),
     };
     let mpath = kiln_agent::build::write_manifest(out, &m)?;
     println!(

@@ -348,6 +348,7 @@ fn a_killed_agent_is_reaped_and_its_late_upload_refused() {
         finished: Timestamp::now(),
         phases: vec![],
         ranges: vec![],
+        generalized: Vec::new(),
     };
     let e = upload(
         &server.spool,

@@ -178,6 +178,7 @@ fn publish(root: &Path, id: &str, agent: &str, when: Timestamp) -> anyhow::Resul
                 blake3: hash.clone(),
             })
             .collect(),
+        generalized: Vec::new(),
     };
     put(
         root,

@@ -4,6 +4,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::time::Timestamp;
 
+/// Most lines in [`ImageManifest::generalized`].
+pub const MAX_GENERALIZED: usize = 256;
+/// Longest line in [`ImageManifest::generalized`], in bytes.
+pub const MAX_GENERALIZED_LINE: usize = 512;
+
 /// A run of the disk that holds data. Everything outside the ranges reads
 /// back as zeros.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,6 +60,11 @@ pub struct ImageManifest {
     pub phases: Vec<PhaseTime>,
     #[serde(default)]
     pub ranges: Vec<DataRange>,
+    /// What `[image] generalize` removed from the image, one line each (a
+    /// path, or a directory and how many entries): at most
+    /// [`MAX_GENERALIZED`] lines of [`MAX_GENERALIZED_LINE`] bytes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub generalized: Vec<String>,
 }
 
 impl ImageManifest {

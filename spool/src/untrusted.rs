@@ -11,7 +11,7 @@
 use std::io;
 
 use crate::lease::{check_token, Lease};
-use crate::manifest::ImageManifest;
+use crate::manifest::{ImageManifest, MAX_GENERALIZED, MAX_GENERALIZED_LINE};
 use crate::names::check_job_id;
 use crate::spool::{lease_path, status_path, SpoolFs};
 use crate::status::Status;
@@ -99,6 +99,24 @@ pub fn check_text(field: &str, s: &str, max: usize) -> Result<(), String> {
     }
     if s.contains(['\0', '\n']) {
         return Err(format!("{field} holds a NUL or a newline"));
+    }
+    Ok(())
+}
+
+/// The manifest's record of what generalizing removed: bounded, one line
+/// of printable text each.
+pub fn check_generalized(lines: &[String]) -> Result<(), String> {
+    if lines.len() > MAX_GENERALIZED {
+        return Err(format!(
+            "generalized has {} lines; at most {MAX_GENERALIZED} are allowed",
+            lines.len()
+        ));
+    }
+    for (i, l) in lines.iter().enumerate() {
+        check_text(&format!("generalized[{i}]"), l, MAX_GENERALIZED_LINE)?;
+        if l.chars().any(char::is_control) {
+            return Err(format!("generalized[{i}] holds a control character"));
+        }
     }
     Ok(())
 }
@@ -226,6 +244,7 @@ pub fn upload_records(fs: &dyn SpoolFs, dir: &str, job: &str) -> Result<UploadRe
         ));
     }
     check_text("agent", &manifest.agent, MAX_AGENT_ID).map_err(|p| bad(&manifest_path, p))?;
+    check_generalized(&manifest.generalized).map_err(|p| bad(&manifest_path, p))?;
     manifest
         .ranges
         .iter()
@@ -264,6 +283,22 @@ mod tests {
             "job = {job:?}\nagent = {agent:?}\ntoken = {token:?}\nacquired = \"2026-01-01T00:00:00Z\"\n\
              deadline = \"9999-12-31T23:59:59Z\"\nattempt = 0\n"
         )
+    }
+
+    #[test]
+    fn what_generalizing_removed_is_bounded_printable_lines() {
+        let line = |s: &str| vec![s.to_string()];
+        check_generalized(&line("/etc/ssh/ssh_host_ed25519_key")).unwrap();
+        check_generalized(&line(&"x".repeat(MAX_GENERALIZED_LINE))).unwrap();
+        for (lines, want) in [
+            (line(&"x".repeat(MAX_GENERALIZED_LINE + 1)), "at most 512"),
+            (line("a\nb"), "newline"),
+            (line("\u{1b}[2J"), "control character"),
+            (vec![String::new(); MAX_GENERALIZED + 1], "at most 256"),
+        ] {
+            let e = check_generalized(&lines).unwrap_err();
+            assert!(e.contains(want), "{e}");
+        }
     }
 
     #[test]

@@ -93,6 +93,7 @@ impl Rig {
             finished: T0,
             phases: vec![],
             ranges: vec![],
+            generalized: Vec::new(),
         };
         self.spool
             .write_atomic(&format!("{dir}/{MANIFEST}"), manifest.to_toml().as_bytes())

@@ -225,6 +225,7 @@ fn upload(spool: &LocalSpool, lease: &Lease, image: &[u8], chunk_size: usize) ->
         finished: T0,
         phases: vec![],
         ranges: vec![],
+        generalized: Vec::new(),
     };
     spool
         .write_atomic(&format!("{dir}/{MANIFEST}"), manifest.to_toml().as_bytes())

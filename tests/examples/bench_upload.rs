@@ -101,6 +101,7 @@ fn main() -> Result<()> {
         finished: now,
         phases: vec![],
         ranges: vec![],
+        generalized: Vec::new(),
     };
     let bench = Bench {
         sshd,

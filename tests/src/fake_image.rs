@@ -36,6 +36,7 @@ pub fn random_image(
         finished: now,
         phases: vec![],
         ranges: vec![],
+        generalized: Vec::new(),
     };
     Ok((path, manifest))
 }

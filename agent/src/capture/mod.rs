@@ -590,6 +590,7 @@ mod tests {
                 finished: t0,
                 phases: vec![],
                 ranges: r.ranges,
+                generalized: Vec::new(),
             })
         })
         .unwrap();

@@ -388,6 +388,7 @@ fn resume_upload(
                     seconds: (t.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
                 }],
                 ranges: cap.ranges,
+                generalized: Vec::new(),
             };
             up.captured(&manifest);
             Ok::<_, crate::Error>(manifest)

@@ -197,6 +197,7 @@ fn upload(spool: &LocalSpool, lease: &Lease) {
                 blake3: "1".repeat(64),
             },
         ],
+        generalized: Vec::new(),
     };
     spool
         .write_atomic(&format!("{dir}/{MANIFEST}"), manifest.to_toml().as_bytes())

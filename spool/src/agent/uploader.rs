@@ -909,6 +909,7 @@ mod tests {
             finished: T0,
             phases: vec![],
             ranges: vec![],
+            generalized: Vec::new(),
         };
         (path, manifest)
     }

@@ -351,6 +351,7 @@ fn plant_upload(c: &mut Ctx, job: &str, edit: fn(&mut ImageManifest)) -> Held {
         finished: now,
         phases: vec![],
         ranges: vec![],
+        generalized: Vec::new(),
     };
     edit(&mut manifest);
     let record = Published {
