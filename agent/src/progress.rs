@@ -134,6 +134,8 @@ pub struct Reporter {
     bar: Option<indicatif::ProgressBar>,
     tty: bool,
     last_tenth: u64,
+    /// When the phase started, for its throughput.
+    started: Instant,
 }
 
 impl Default for Reporter {
@@ -149,6 +151,7 @@ impl Reporter {
             bar: None,
             tty: std::io::stderr().is_terminal(),
             last_tenth: 0,
+            started: Instant::now(),
         }
     }
 
@@ -156,6 +159,7 @@ impl Reporter {
         match &e.kind {
             EventKind::Started => {
                 self.last_tenth = 0;
+                self.started = Instant::now();
                 if self.tty {
                     let bar = indicatif::ProgressBar::new(0);
                     bar.set_style(
@@ -179,13 +183,18 @@ impl Reporter {
                     let tenth = done * 10 / total;
                     if tenth > self.last_tenth {
                         self.last_tenth = tenth;
-                        eprintln!(
-                            "{}: {}% ({} of {})",
-                            e.phase,
-                            tenth * 10,
-                            kiln_spool::units::human_bytes(*done),
-                            kiln_spool::units::human_bytes(*total)
-                        );
+                        let of = if e.phase.counts_bytes() {
+                            let secs = self.started.elapsed().as_secs_f64().max(1e-3);
+                            format!(
+                                "{} of {}, {}/s",
+                                human_bytes(*done),
+                                human_bytes(*total),
+                                human_bytes((*done as f64 / secs) as u64)
+                            )
+                        } else {
+                            format!("{done} of {total}")
+                        };
+                        eprintln!("{}: {}% ({of})", e.phase, tenth * 10);
                     }
                 }
             }
