@@ -13,7 +13,7 @@ use std::path::Path;
 use nix::dir::{Dir, Type};
 use nix::errno::Errno;
 use nix::fcntl::AtFlags;
-use nix::fcntl::{openat2, renameat2, OFlag, OpenHow, RenameFlags, ResolveFlag};
+use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
 use nix::sys::stat::mkdirat;
 use nix::sys::stat::{fstat, fstatat, Mode, SFlag};
 use nix::unistd::{linkat, unlinkat, UnlinkatFlags};
@@ -175,16 +175,30 @@ pub fn link(dir: &OwnedFd, from: &str, to_dir: &OwnedFd, to: &str) -> io::Result
     .map_err(err)
 }
 
+/// renameat2(2) with RENAME_NOREPLACE, through the system call itself:
+/// musl's libc has no wrapper for it.
+fn renameat_noreplace(dir: &OwnedFd, from: &str, to_dir: &OwnedFd, to: &str) -> Result<(), Errno> {
+    let cstr = |s: &str| std::ffi::CString::new(s).map_err(|_| Errno::EINVAL);
+    let (from, to) = (cstr(from)?, cstr(to)?);
+    // SAFETY: both names are NUL-terminated and outlive the call; the
+    // descriptors are open for its duration.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            dir.as_raw_fd(),
+            from.as_ptr(),
+            to_dir.as_raw_fd(),
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    Errno::result(r).map(drop)
+}
+
 /// Renames without replacing: `AlreadyExists` if `to` is there. Falls back
 /// to link and unlink for files where the filesystem lacks RENAME_NOREPLACE.
 pub fn rename_noreplace(dir: &OwnedFd, from: &str, to_dir: &OwnedFd, to: &str) -> io::Result<()> {
-    match renameat2(
-        Some(dir.as_raw_fd()),
-        from,
-        Some(to_dir.as_raw_fd()),
-        to,
-        RenameFlags::RENAME_NOREPLACE,
-    ) {
+    match renameat_noreplace(dir, from, to_dir, to) {
         Ok(()) => Ok(()),
         Err(Errno::EINVAL) => {
             link(dir, from, to_dir, to)?;
@@ -276,6 +290,21 @@ mod tests {
 
     fn libc_exdev() -> i32 {
         Errno::EXDEV as i32
+    }
+
+    #[test]
+    fn rename_never_replaces() {
+        let spool = tempfile::tempdir().unwrap();
+        std::fs::create_dir(spool.path().join("a")).unwrap();
+        std::fs::create_dir(spool.path().join("b")).unwrap();
+        std::fs::write(spool.path().join("f"), "1").unwrap();
+        let root = open_root(spool.path()).unwrap();
+        let dir = open_dir(&root, "").unwrap();
+        let e = rename_noreplace(&dir, "a", &dir, "b").unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        rename_noreplace(&dir, "a", &dir, "c").unwrap();
+        assert!(spool.path().join("c").is_dir() && !spool.path().join("a").exists());
+        assert!(rename_noreplace(&dir, "f", &dir, "c").is_err());
     }
 
     #[test]
