@@ -22,8 +22,8 @@ pub mod spool;
 pub mod status;
 pub mod stream;
 pub mod time;
-pub mod untrusted;
 pub mod units;
+pub mod untrusted;
 pub mod upload;
 
 pub use job::{load_job, parse_job, JobError, JobSpec};

@@ -15,12 +15,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use kiln_e2e::sshd::TestSshd;
 use kiln_spool::agent::claim::claim_next;
+use kiln_spool::agent::uploader::{upload, UploadOptions};
 use kiln_spool::lease::Lease;
 use kiln_spool::manifest::ImageManifest;
 use kiln_spool::master;
 use kiln_spool::sftp::{ServerConfig, SessionOptions, SftpSpool};
 use kiln_spool::time::Timestamp;
-use kiln_spool::agent::uploader::{upload, UploadOptions};
 use kiln_spool::LocalSpool;
 
 const CIPHER: &str = "aes128-gcm@openssh.com";
