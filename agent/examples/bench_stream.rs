@@ -174,7 +174,13 @@ fn main() -> Result<()> {
     .map_err(|e| anyhow::anyhow!("{e}"))?;
     let stream_s = t.elapsed().as_secs_f64();
     if report.image_blake3 != cap.image_blake3 {
-        bail!("the streamed capture differs from the staged one");
+        bail!(
+            "the streamed capture ({} bytes, {}) differs from the staged one ({} bytes, {})",
+            report.image_size,
+            report.image_blake3,
+            cap.image_size,
+            cap.image_blake3
+        );
     }
     let size = cap.image_size as f64 / MIB;
     let slower = capture_s.max(upload_s);

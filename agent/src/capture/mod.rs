@@ -204,6 +204,19 @@ impl FrameWriter<'_> {
         if !self.in_frame {
             return Ok(());
         }
+        // Every job is handed to the workers before the frame ends. Without
+        // this, a last job still waiting for a free worker is marked last
+        // itself, while one already started is followed by an empty last
+        // block: three bytes that would depend on timing.
+        loop {
+            let mut output = OutBuffer::around(&mut self.buf[..]);
+            let remaining = self.enc.flush(&mut output)?;
+            let n = output.pos();
+            self.out.write_all(&self.buf[..n])?;
+            if remaining == 0 {
+                break;
+            }
+        }
         loop {
             let mut output = OutBuffer::around(&mut self.buf[..]);
             let remaining = self.enc.finish(&mut output, true)?;
