@@ -12,7 +12,7 @@ use crate::stream::{HashReader, HashWriter, Limit};
 
 use crate::error::IoContext;
 use crate::lease::Lease;
-use crate::master::reaper::{release, ReapReport};
+use crate::master::reaper::{release, tidy, ReapReport};
 use crate::master::{write_job_list, HistoryRecord, Result};
 use crate::queue::{EntryState, JobList};
 use crate::spool::{
@@ -259,10 +259,8 @@ fn finish(fs: &dyn SpoolFs, list: &mut JobList, p: &Published, now: Timestamp) -
     fs.write_atomic(&path, record.to_toml().as_bytes())
         .ctx(|| format!("writing {path}"))?;
     write_job_list(fs, list)?;
-    for p in [lease_path(id), status_path(id)] {
-        fs.remove_dir_all(&p).ctx(|| format!("removing {p}"))?;
+    for p in [lease_path(id), status_path(id), format!("{INCOMING}/{id}")] {
+        tidy(fs, &p);
     }
-    let dir = format!("{INCOMING}/{id}");
-    fs.remove_dir_all(&dir).ctx(|| format!("removing {dir}"))?;
     Ok(())
 }

@@ -271,10 +271,19 @@ pub fn release(
     fs.remove_dir_all(&path)
         .ctx(|| format!("removing {path}"))?;
     if check_token(&lease.token).is_ok() {
-        let dir = incoming_dir(&lease.job, &lease.token);
-        fs.remove_dir_all(&dir).ctx(|| format!("removing {dir}"))?;
+        tidy(fs, &incoming_dir(&lease.job, &lease.token));
     }
     Ok(state)
+}
+
+/// Removes what an ended lease left behind. The job's state is already
+/// written, so a failure here (a disk error, or a master that is not root
+/// facing a directory an agent made) is logged, not fatal: the next pass
+/// finds the leftover and sets it aside.
+pub(crate) fn tidy(fs: &dyn SpoolFs, path: &str) {
+    if let Err(e) = fs.remove_dir_all(path) {
+        tracing::warn!("removing {path}: {e}");
+    }
 }
 
 /// Records each valid lease of a queued job in the job list, so that its
