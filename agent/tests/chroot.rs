@@ -230,6 +230,21 @@ fn target_steps_get_a_real_chroot_that_is_undone() {
     assert!(!mnt.join("etc/ssh/ssh_host_ed25519_key").exists());
     assert!(!mnt.join("etc/ssh/ssh_host_ed25519_key.pub").exists());
     assert!(!mnt.join("var/lib/systemd/random-seed").exists());
+    let manifest = kiln_spool::manifest::ImageManifest::parse(
+        &std::fs::read_to_string(dir.join("image.manifest.toml")).unwrap(),
+    )
+    .unwrap();
+    for line in [
+        "/etc/ssh/ssh_host_ed25519_key",
+        "/etc/machine-id (emptied)",
+        "/var/lib/systemd/random-seed",
+    ] {
+        assert!(
+            manifest.generalized.iter().any(|l| l == line),
+            "{line:?} not in {:?}",
+            manifest.generalized
+        );
+    }
     assert!(
         log.contains("generalize: removed /etc/ssh/ssh_host_ed25519_key"),
         "{log}"
