@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The demo, end to end on this machine: a job server set up as the README
 # sets one up (kiln-master init --agent-user, agent-key, OpenSSH's sshd on
-# 127.0.0.1 with agent-key's drop-in), the sample job queued, one QEMU VM
-# that PXE-boots kiln's minimal OS, logs in as the agents' account, builds
-# the job and uploads the image, the master publishing it, and the image
-# booting in a fresh VM. Prints what it did and how long each phase took.
+# 127.0.0.1 with agent-key's drop-in), the Debian sample job queued
+# (examples/jobs/debian.toml with scripts/make-debian-payload.sh's root), one
+# QEMU VM that PXE-boots kiln's minimal OS, logs in as the agents' account,
+# builds the job and uploads the image, the master publishing it, and the
+# image booting in a fresh VM by UEFI firmware alone (OVMF, no -kernel).
+# Prints what it did and how long each phase took, and ends by logging in
+# to the booted image over SSH with the job's key.
 #
 #   scripts/demo.sh            (as root; make demo installs the packages first)
 #
@@ -53,9 +56,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-for tool in qemu-system-x86_64 qemu-img /usr/sbin/sshd ssh-keygen zstd /bin/busybox; do
+for tool in qemu-system-x86_64 qemu-img /usr/sbin/sshd ssh-keygen ssh zstd mmdebstrap; do
 	command -v "$tool" >/dev/null || [ -x "$tool" ] || die "$tool is missing: run scripts/install-deps.sh (or make demo)"
 done
+[ -f /usr/share/OVMF/OVMF_CODE_4M.fd ] || die "OVMF is missing: run scripts/install-deps.sh (or make demo)"
 
 step "build kiln-master, kiln-initramfs and the static agent ($musl)"
 cargo build -q -p kiln-master -p kiln-initramfs
@@ -103,10 +107,13 @@ done
 echo "sshd on 127.0.0.1:$port (the VM reaches it as 10.0.2.2:$port), host key $(ssh-keygen -lf "$demo/sshd/host_key.pub" | awk '{print $2}')"
 done_phase "job server"
 
-step "queue the sample job in $spool"
-tests/scripts/make-os-payload.sh "$demo/sample-root.tar"
-master payload add "$demo/sample-root.tar"
-master add examples/jobs/sample.toml
+step "queue the Debian job in $spool (the payload is made once, then cached)"
+payload=$(scripts/make-debian-payload.sh | tail -n1)
+master payload add --name debian-bookworm.tar.zst "$payload"
+ssh-keygen -q -t ed25519 -N '' -C ops@kiln-demo -f "$demo/ops_key"
+sed "s|^authorized_keys = .*|authorized_keys = [\"$(cat "$demo/ops_key.pub")\"]|" \
+	examples/jobs/debian.toml >"$demo/debian.toml"
+master add "$demo/debian.toml"
 master list
 done_phase "spool"
 
@@ -138,8 +145,8 @@ master pxe --out "$demo/tftp" --kernel "$kdir/vmlinuz" --initramfs "$demo/initra
 done_phase "initramfs and PXE directory"
 
 step "PXE-boot a VM ($accel) that builds the job; its console is $demo/build-vm.log"
-qemu-img create -q -f qcow2 "$demo/build-disk.qcow2" 256M
-qemu-system-x86_64 -name kiln-demo-build -accel "$accel" -m 1024 -smp 1 \
+qemu-img create -q -f qcow2 "$demo/build-disk.qcow2" 2G
+qemu-system-x86_64 -name kiln-demo-build -accel "$accel" -m 1536 -smp 1 \
 	-display none -monitor none -no-reboot -serial "file:$demo/build-vm.log" \
 	-drive "file=$demo/build-disk.qcow2,format=qcow2,if=none,id=disk0" \
 	-device virtio-blk-pci,drive=disk0,serial=kiln-disk0 \
@@ -150,7 +157,7 @@ pids+=("$vm")
 shown=0
 last=""
 deadline=$((SECONDS + timeout))
-while [ ! -f "$spool/images/sample/published.toml" ]; do
+while [ ! -f "$spool/images/debian/published.toml" ]; do
 	# The VM's status lines, as they come.
 	if [ -f "$demo/build-vm.log" ]; then
 		lines=$(grep -a '^kiln: ' "$demo/build-vm.log" || true)
@@ -161,14 +168,14 @@ while [ ! -f "$spool/images/sample/published.toml" ]; do
 		fi
 	fi
 	master reap >/dev/null
-	now=$(master list | awk '$1 == "sample"')
+	now=$(master list | awk '$1 == "debian"')
 	if [ -n "$now" ] && [ "$now" != "$last" ]; then
 		echo "  spool| $now"
 		last=$now
 	fi
 	json=$(master list --json)
 	if [[ $json == *'"state": "failed"'* ]]; then
-		master show sample || true
+		master show debian || true
 		die "the job failed; the VM's console is $demo/build-vm.log"
 	fi
 	kill -0 "$vm" 2>/dev/null || die "the VM stopped; its console is $demo/build-vm.log"
@@ -179,50 +186,52 @@ kill "$vm" 2>/dev/null || true
 master list
 done_phase "PXE boot, build, upload, publish"
 
-step "boot the published image in a fresh VM; its console is $demo/image-vm.log"
-image=$spool/images/sample/image.raw.zst
-manifest=$spool/images/sample/manifest.toml
+step "boot the published image under UEFI (OVMF, no -kernel); its console is $demo/image-vm.log"
+image=$spool/images/debian/image.raw.zst
+manifest=$spool/images/debian/manifest.toml
 "$agent_bin" verify "$image" --manifest "$manifest" 2>&1 | tail -n 1
-zstd -d -q -f "$image" -o "$demo/sample.raw"
-cat >"$demo/image-initrd.toml" <<EOF
-agent = "$repo/tests/fixtures/image-init.sh"
-kernel_modules = "$kdir/lib/modules/$kver"
-modules = ["virtio_pci", "virtio_blk", "ext4"]
-tools = []
-EOF
-"$target/debug/kiln-initramfs" --config "$demo/image-initrd.toml" --out "$demo/image-initrd.img" | tail -n 1
-qemu-system-x86_64 -name kiln-demo-image -accel "$accel" -m 512 -smp 1 \
-	-display none -monitor none -no-reboot -serial "file:$demo/image-vm.log" -nic none \
-	-drive "file=$demo/sample.raw,format=raw,if=none,id=disk0" \
+zstd -d -q -f "$image" -o "$demo/debian.raw"
+cp /usr/share/OVMF/OVMF_VARS_4M.fd "$demo/ovmf-vars.fd"
+ssh_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])' 2>/dev/null || echo 2223)
+qemu-system-x86_64 -name kiln-demo-image -accel "$accel" -m 1024 -smp 1 \
+	-display none -monitor none -serial "file:$demo/image-vm.log" \
+	-drive "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd" \
+	-drive "if=pflash,format=raw,unit=1,file=$demo/ovmf-vars.fd" \
+	-drive "file=$demo/debian.raw,format=raw,if=none,id=disk0" \
 	-device virtio-blk-pci,drive=disk0 \
-	-kernel "$kdir/vmlinuz" -initrd "$demo/image-initrd.img" \
-	-append "console=ttyS0,115200 panic=-1 loglevel=4" >"$demo/image-qemu.log" 2>&1 &
+	-netdev "user,id=net0,hostfwd=tcp:127.0.0.1:$ssh_port-:22" \
+	-device virtio-net-pci,netdev=net0 >"$demo/image-qemu.log" 2>&1 &
 vm=$!
 pids+=("$vm")
-deadline=$((SECONDS + 300))
-until grep -aq 'KILN-IMAGE: done' "$demo/image-vm.log" 2>/dev/null; do
+image_ssh() {
+	ssh -i "$demo/ops_key" -p "$ssh_port" -o BatchMode=yes -o StrictHostKeyChecking=no \
+		-o UserKnownHostsFile=/dev/null -o ConnectTimeout=10 -o LogLevel=ERROR ops@127.0.0.1 "$@"
+}
+deadline=$((SECONDS + 400))
+until image_ssh true 2>/dev/null; do
 	kill -0 "$vm" 2>/dev/null || die "the image VM stopped early; its console is $demo/image-vm.log"
-	[ "$SECONDS" -lt "$deadline" ] || die "the image did not boot in 300s; see $demo/image-vm.log"
-	sleep 1
+	[ "$SECONDS" -lt "$deadline" ] || die "the image did not answer SSH in 400s; see $demo/image-vm.log"
+	sleep 2
 done
-grep -a 'KILN-IMAGE:' "$demo/image-vm.log" | sed 's/^/  image| /'
-grep -aq 'KILN-IMAGE: hostname kiln-sample' "$demo/image-vm.log" || die "the booted image does not carry the configured hostname"
-done_phase "boot the image"
+grep -a -m1 'Welcome to' "$demo/image-vm.log" | sed 's/^/  image| /' || true
+done_phase "boot the image to SSH"
 
 cat <<MSG
 
 What this did: made the spool $spool with kiln-master init
 --agent-user $agent_user, the agents' key and sshd drop-in with kiln-master
 agent-key ($keys), started sshd on 127.0.0.1:$port with it as the job server,
-queued the sample job, PXE-booted a VM into kiln's minimal OS (kernel $kver,
+queued the Debian job, PXE-booted a VM into kiln's minimal OS (kernel $kver,
 $demo/initramfs.img), which logged in as $agent_user (chrooted, SFTP only),
-claimed the job, built it on its virtio disk and uploaded the image; the
-master verified and published it; then the image booted in a fresh VM as
-host kiln-sample.
+claimed the job, built it on its virtio disk (GRUB for UEFI and BIOS,
+the root by UUID, generalized) and uploaded the image; the master verified
+and published it; then the image booted in a fresh VM from its own GRUB under
+OVMF, and sshd answered with host keys made at its first boot.
 
   image:     $image
   manifest:  $manifest
-  job log:   $spool/images/sample/job.log
+  job log:   $spool/images/debian/job.log
+  log in:    ssh -i $demo/ops_key -p $ssh_port ops@127.0.0.1 (while the demo runs)
   watch the spool in the TUI:
     $master_bin --spool $spool tui
 
@@ -230,3 +239,7 @@ Time per phase:
 MSG
 printf '  %s\n' "${phases[@]}"
 echo "  total                              $(printf '%4s' "$SECONDS")s"
+
+step "log in to the booted image over SSH as ops, with the job's key"
+echo "\$ ssh ops@kiln-debian hostname; systemctl is-system-running"
+image_ssh 'hostname; systemctl is-system-running --wait' || true
