@@ -215,6 +215,8 @@ fn a_job_log_symlinked_to_a_secret_is_not_published() {
 fn strays_and_odd_files_never_stop_a_pass() {
     let rig = with_good_job();
     rig.write("incoming/stray-file", "x");
+    std::fs::create_dir_all(rig.root().join("incoming/stray-dir")).unwrap();
+    std::fs::create_dir_all(rig.root().join("incoming/good-gone/1-00aa")).unwrap();
     rig.write("leases/not a job", "x");
     std::fs::create_dir_all(rig.root().join("leases/dir-lease/sub")).unwrap();
     rig.write("status/junk", "x");
@@ -228,6 +230,8 @@ fn strays_and_odd_files_never_stop_a_pass() {
     let report = rig.pass_with_good_job(T0);
     for p in [
         "incoming/stray-file",
+        "incoming/stray-dir",
+        "incoming/good-gone",
         "leases/not a job",
         "leases/dir-lease",
         "status/junk",

@@ -425,6 +425,18 @@ fn complete_uploads(
                 out.push((lease.clone(), entry.blake3.clone()));
             }
         }
+        if lease.is_none() || entry.is_none() {
+            // Nothing can be uploaded here now, and the tokens went above:
+            // the directory goes too. A known job leaves it behind when its
+            // lease ends; for anything else it is a stray.
+            if fs.list(&dir).is_ok_and(|t| t.is_empty()) {
+                if list.get(&id).is_some() {
+                    tidy(fs, &dir);
+                } else {
+                    set_aside(fs, &dir, "an upload directory for no job".into(), report);
+                }
+            }
+        }
     }
     Ok(out)
 }
