@@ -363,14 +363,16 @@ mod tests {
         assert_eq!(&bytes[110..114], b"bin\0");
     }
 
-    fn cpio_tool() -> Option<()> {
-        match Command::new("cpio").arg("--version").output() {
-            Ok(o) if o.status.success() => Some(()),
-            _ => {
-                eprintln!("SKIP: the cpio tool is not installed (scripts/install-deps.sh)");
-                None
-            }
-        }
+    /// Fails the test, naming what to install, when cpio is missing.
+    fn require_cpio_tool() {
+        let ok = Command::new("cpio")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(
+            ok,
+            "the cpio tool is not installed (scripts/install-deps.sh)"
+        );
     }
 
     fn run_cpio(args: &[&str], input: &[u8], dir: &std::path::Path) -> std::process::Output {
@@ -394,9 +396,7 @@ mod tests {
 
     #[test]
     fn cpio_tool_lists_and_extracts_what_was_written() {
-        if cpio_tool().is_none() {
-            return;
-        }
+        require_cpio_tool();
         let mut a = sample();
         a.char_dev("dev/console", 5, 1, 0o600).unwrap();
         let bytes = a.to_newc().unwrap();

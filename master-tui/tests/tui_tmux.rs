@@ -131,12 +131,10 @@ fn priority_in(spool: &Path, id: &str) -> Option<u32> {
 
 #[test]
 fn console_in_tmux_sees_the_cli_changes_the_spool_and_restores_the_terminal() {
-    if Command::new("tmux").arg("-V").output().is_err() {
-        eprintln!(
-            "SKIP: tmux is not installed; the real-terminal test of `kiln-master tui` did not run"
-        );
-        return;
-    }
+    assert!(
+        Command::new("tmux").arg("-V").output().is_ok(),
+        "tmux is not installed (scripts/install-deps.sh): the real-terminal test of `kiln-master tui` cannot run"
+    );
     let dir = tempfile::tempdir().unwrap();
     let spool: PathBuf = dir.path().join("spool");
     let log = dir.path().join("console.log");
@@ -204,12 +202,10 @@ fn console_in_tmux_sees_the_cli_changes_the_spool_and_restores_the_terminal() {
 /// A signal from outside (here SIGTERM) takes the same orderly way out as `q`.
 #[test]
 fn console_restores_the_terminal_on_sigterm() {
-    if Command::new("tmux").arg("-V").output().is_err() {
-        eprintln!(
-            "SKIP: tmux is not installed; the real-terminal test of `kiln-master tui` did not run"
-        );
-        return;
-    }
+    assert!(
+        Command::new("tmux").arg("-V").output().is_ok(),
+        "tmux is not installed (scripts/install-deps.sh): the real-terminal test of `kiln-master tui` cannot run"
+    );
     let dir = tempfile::tempdir().unwrap();
     let spool: PathBuf = dir.path().join("spool");
     let log = dir.path().join("console.log");

@@ -8,16 +8,16 @@ use std::process::{Command, Output};
 
 pub const AGENT: &str = env!("CARGO_BIN_EXE_kiln-agent");
 
-/// True when the test can run; otherwise prints a loud SKIP line.
+/// Checks that the test can run: a missing tool or privilege fails it with
+/// the reason (scripts/install-deps.sh installs the tools), never skips it.
+/// Returns true, for callers written as `if !can_run(..) { return; }`.
 pub fn can_run(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP: {test}: needs root (loop devices, mounts)");
-        return false;
+        panic!("{test}: needs root (loop devices, mounts)");
     }
     if !Path::new("/dev/loop-control").exists() {
-        eprintln!("SKIP: {test}: no /dev/loop-control");
-        return false;
+        panic!("{test}: no /dev/loop-control");
     }
     for tool in [
         "mke2fs",
@@ -34,8 +34,7 @@ pub fn can_run(test: &str) -> bool {
             .iter()
             .any(|d| Path::new(d).join(tool).exists())
         {
-            eprintln!("SKIP: {test}: {tool} is not installed");
-            return false;
+            panic!("{test}: {tool} is not installed (scripts/install-deps.sh)");
         }
     }
     true
