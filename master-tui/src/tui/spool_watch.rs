@@ -231,16 +231,24 @@ impl Reaper {
         let Some(thread) = self.thread.take() else {
             return;
         };
-        let deadline = Instant::now() + patience;
-        while !thread.is_finished() && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(10));
-        }
-        if thread.is_finished() {
-            let _ = thread.join();
-        } else {
+        if !join_within(thread, patience) {
             tracing::info!("leaving the reaper's pass unfinished at exit");
         }
     }
+}
+
+/// Joins `thread` if it ends within `patience`; false if it is still
+/// running then (it is left to end with the process).
+pub(super) fn join_within(thread: JoinHandle<()>, patience: Duration) -> bool {
+    let deadline = Instant::now() + patience;
+    while !thread.is_finished() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+    }
+    if !thread.is_finished() {
+        return false;
+    }
+    let _ = thread.join();
+    true
 }
 
 #[cfg(test)]

@@ -205,13 +205,7 @@ impl SpoolWriter {
         let Some(thread) = self.thread.take() else {
             return;
         };
-        let deadline = Instant::now() + patience;
-        while !thread.is_finished() && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(10));
-        }
-        if thread.is_finished() {
-            let _ = thread.join();
-        } else {
+        if !super::spool_watch::join_within(thread, patience) {
             tracing::warn!("leaving queued changes undone at exit: the masters' lock stayed taken");
         }
     }
