@@ -1,20 +1,13 @@
 //! `kiln-master` end to end in a temporary spool, through the real binary.
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-fn kiln(spool: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln-master"))
-        .arg("--spool")
-        .arg(spool)
-        .args(args)
-        .env_remove("KILN_SPOOL")
-        .output()
-        .expect("running kiln-master")
-}
+mod kiln_cli;
+use kiln_cli::kiln;
 
 fn ok(spool: &Path, args: &[&str]) -> String {
     let out = kiln(spool, args);

@@ -4,7 +4,7 @@
 //! `--json` output keeps the value intact while escaping the same characters.
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kiln_spool::agent::claim::{claim_next, heartbeat};
@@ -13,6 +13,9 @@ use kiln_spool::status::{AgentState, Phase, Status};
 use kiln_spool::time::Timestamp;
 use kiln_spool::LocalSpool;
 use serde_json::Value;
+
+mod kiln_cli;
+use kiln_cli::kiln;
 
 const AGENT: &str = "evil\x1b]0;pwned\x07\u{9b}2J";
 const MESSAGE: &str = "\x1b]52;c;cm0gLXJmIH4=\x07copied\rok\u{202e}gnp.exe";
@@ -23,16 +26,6 @@ fn job(id: &str, priority: u32) -> String {
         "id = \"{id}\"\npriority = {priority}\ntime_limit = \"1h\"\nmax_attempts = 1\n\
          [disk]\n[[disk.partitions]]\nlabel = \"root\"\nsize = \"rest\"\nkind = \"linux\"\nfs = \"ext4\"\nmount = \"/\"\n"
     )
-}
-
-fn kiln(spool: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln-master"))
-        .arg("--spool")
-        .arg(spool)
-        .args(args)
-        .env_remove("KILN_SPOOL")
-        .output()
-        .expect("running kiln-master")
 }
 
 fn ok(spool: &Path, args: &[&str]) -> String {
