@@ -11,13 +11,15 @@ use std::time::Duration;
 
 use kiln_spool::agent::claim::{claim_next, pinned_job_hash};
 use kiln_spool::lease::Lease;
-use kiln_spool::manifest::ImageManifest;
 use kiln_spool::master::{self, job_view, reap, JobState};
 use kiln_spool::queue::read_job_list;
 use kiln_spool::spool::{image_dir, incoming_dir, lease_path, status_path};
 use kiln_spool::time::Timestamp;
-use kiln_spool::upload::{chunk_name, Chunk, ChunkList, CHUNKS, IMAGE_FILE, JOB_LOG, MANIFEST};
-use kiln_spool::{LocalSpool, SpoolFs};
+use kiln_spool::upload::{IMAGE_FILE, JOB_LOG, MANIFEST};
+use kiln_spool::LocalSpool;
+
+mod upload_fixture;
+use upload_fixture::upload;
 
 const T0: Timestamp = Timestamp(1_900_000_000);
 
@@ -60,44 +62,9 @@ impl Rig {
         claim_next(&self.spool, agent, T0).unwrap().unwrap()
     }
 
-    /// A complete, correct upload for `lease`.
+    /// A complete, correct upload for `lease`, in one chunk.
     fn upload(&self, lease: &Lease, image: &[u8]) {
-        let dir = incoming_dir(&lease.job, &lease.token);
-        self.spool.mkdir_all(&dir).unwrap();
-        self.spool
-            .write_atomic(&format!("{dir}/{}", chunk_name(0)), image)
-            .unwrap();
-        let chunks = ChunkList {
-            chunk_size: image.len() as u64,
-            total_size: image.len() as u64,
-            chunks: vec![Chunk {
-                size: image.len() as u64,
-                blake3: blake3::hash(image).to_hex().to_string(),
-            }],
-        };
-        self.spool
-            .write_atomic(&format!("{dir}/{CHUNKS}"), chunks.to_toml().as_bytes())
-            .unwrap();
-        let manifest = ImageManifest {
-            format: "raw.zst".into(),
-            job: lease.job.clone(),
-            job_blake3: pinned_job_hash(&self.spool, &lease.job).unwrap(),
-            agent: lease.agent.clone(),
-            disk_size: 1 << 30,
-            block_size: 4096,
-            bytes_read: 4096,
-            image_size: image.len() as u64,
-            image_blake3: blake3::hash(image).to_hex().to_string(),
-            payloads: vec![],
-            started: T0,
-            finished: T0,
-            phases: vec![],
-            ranges: vec![],
-            generalized: Vec::new(),
-        };
-        self.spool
-            .write_atomic(&format!("{dir}/{MANIFEST}"), manifest.to_toml().as_bytes())
-            .unwrap();
+        upload(&self.spool, lease, image, image.len());
     }
 
     fn write(&self, rel: &str, text: &str) {

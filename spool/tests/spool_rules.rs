@@ -7,17 +7,19 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use kiln_spool::agent::claim::{check_lease, claim_next, pinned_job_hash, LeaseCheck};
+use kiln_spool::agent::claim::{check_lease, claim_next, LeaseCheck};
 use kiln_spool::lease::Lease;
-use kiln_spool::manifest::ImageManifest;
 use kiln_spool::master::reap;
 use kiln_spool::master::{self, job_view, JobState};
 use kiln_spool::queue::read_job_list;
 use kiln_spool::queue::EntryState;
 use kiln_spool::spool::{image_dir, incoming_dir};
 use kiln_spool::time::Timestamp;
-use kiln_spool::upload::{chunk_name, Chunk, ChunkList, CHUNKS, IMAGE_FILE, MANIFEST};
+use kiln_spool::upload::{chunk_name, IMAGE_FILE, MANIFEST};
 use kiln_spool::{LocalSpool, SpoolFs};
+
+mod upload_fixture;
+use upload_fixture::upload;
 
 const T0: Timestamp = Timestamp(1_900_000_000);
 
@@ -186,51 +188,6 @@ fn claims_are_exclusive_and_in_priority_order() {
                 .unwrap();
         assert_eq!(&lease.agent, claimer);
     }
-}
-
-/// Writes a complete upload as an agent would: chunks, chunk list, manifest last.
-fn upload(spool: &LocalSpool, lease: &Lease, image: &[u8], chunk_size: usize) -> ImageManifest {
-    let dir = incoming_dir(&lease.job, &lease.token);
-    spool.mkdir_all(&dir).unwrap();
-    let mut chunks = Vec::new();
-    for (i, piece) in image.chunks(chunk_size).enumerate() {
-        spool
-            .write_atomic(&format!("{dir}/{}", chunk_name(i)), piece)
-            .unwrap();
-        chunks.push(Chunk {
-            size: piece.len() as u64,
-            blake3: blake3::hash(piece).to_hex().to_string(),
-        });
-    }
-    let list = ChunkList {
-        chunk_size: chunk_size as u64,
-        total_size: image.len() as u64,
-        chunks,
-    };
-    spool
-        .write_atomic(&format!("{dir}/{CHUNKS}"), list.to_toml().as_bytes())
-        .unwrap();
-    let manifest = ImageManifest {
-        format: "raw.zst".into(),
-        job: lease.job.clone(),
-        job_blake3: pinned_job_hash(spool, &lease.job).unwrap(),
-        agent: lease.agent.clone(),
-        disk_size: 1 << 30,
-        block_size: 4096,
-        bytes_read: 4096,
-        image_size: image.len() as u64,
-        image_blake3: blake3::hash(image).to_hex().to_string(),
-        payloads: vec![],
-        started: T0,
-        finished: T0,
-        phases: vec![],
-        ranges: vec![],
-        generalized: Vec::new(),
-    };
-    spool
-        .write_atomic(&format!("{dir}/{MANIFEST}"), manifest.to_toml().as_bytes())
-        .unwrap();
-    manifest
 }
 
 fn image_bytes(n: usize, seed: u64) -> Vec<u8> {
