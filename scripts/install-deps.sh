@@ -10,6 +10,7 @@ packages=(
   qemu-system-x86 qemu-utils ipxe-qemu  # the VM harness
   busybox-static musl-tools       # initramfs userland, static agent
   ovmf seabios                    # boot published images by firmware alone (UEFI, BIOS)
+  bmap-tools                      # `bmaptool copy` of exported images (tests, make bench)
   mmdebstrap                      # the Debian sample payload (scripts/make-debian-payload.sh)
 )
 

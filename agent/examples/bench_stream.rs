@@ -275,6 +275,7 @@ fn manifest_for(job: &str, cap: &kiln_agent::capture::CaptureResult) -> ImageMan
         phases: vec![],
         ranges: cap.ranges.clone(),
         generalized: Vec::new(),
+        provenance: None,
     }
 }
 

@@ -114,6 +114,7 @@ impl Phases<'_> {
             self.times.push(PhaseTime {
                 name: phase.as_str().into(),
                 seconds: (seconds * 1000.0).round() / 1000.0,
+                started: None,
             });
         }
         r
@@ -268,6 +269,7 @@ fn build_phases(
         phases: phases.times.clone(),
         ranges: cap.ranges,
         generalized,
+        provenance: None,
     };
     Ok(manifest)
 }

@@ -293,9 +293,11 @@ fn run_capture(
         phases: vec![kiln_spool::manifest::PhaseTime {
             name: "capture".into(),
             seconds,
+            started: None,
         }],
         ranges: cap.ranges,
         generalized: Vec::new(),
+        provenance: None,
     };
     let mpath = kiln_agent::build::write_manifest(out, &m)?;
     println!(

@@ -349,6 +349,7 @@ fn a_killed_agent_is_reaped_and_its_late_upload_refused() {
         phases: vec![],
         ranges: vec![],
         generalized: Vec::new(),
+        provenance: None,
     };
     let e = upload(
         &server.spool,

@@ -179,6 +179,7 @@ fn publish(root: &Path, id: &str, agent: &str, when: Timestamp) -> anyhow::Resul
             })
             .collect(),
         generalized: Vec::new(),
+        provenance: None,
     };
     put(
         root,

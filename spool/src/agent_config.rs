@@ -59,6 +59,11 @@ pub struct AgentConfig {
     pub upload_window: u64,
     #[serde(default)]
     pub servers: Vec<Server>,
+    /// Keys whose image signatures this agent accepts for deploy jobs, as
+    /// allowed-signers lines (`kiln-master signer` prints one). With none,
+    /// the agent refuses every deploy job.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_signers: Vec<String>,
 }
 
 fn default_window() -> u64 {

@@ -156,6 +156,10 @@ const PSEUDO_FS_DIRS: [&str; 3] = ["/dev/", "/proc/", "/sys/"];
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
     pub id: String,
+    /// `build` (the default) makes an image; `deploy` writes a published
+    /// one, named in `[deploy]`, onto the machine's disk.
+    #[serde(default)]
+    pub kind: JobKind,
     #[serde(default = "default_priority")]
     pub priority: u32,
     #[serde(default = "default_time_limit")]
@@ -164,6 +168,8 @@ pub struct JobSpec {
     pub max_attempts: u32,
     #[serde(default)]
     pub description: String,
+    /// Required for a build; a deploy uses only `device`.
+    #[serde(default)]
     pub disk: Disk,
     #[serde(default)]
     pub payloads: Vec<Payload>,
@@ -175,6 +181,46 @@ pub struct JobSpec {
     pub boot: Option<Boot>,
     #[serde(default)]
     pub image: ImageSpec,
+    /// What a `kind = "deploy"` job writes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deploy: Option<Deploy>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobKind {
+    #[default]
+    Build,
+    Deploy,
+}
+
+impl JobKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Build => "build",
+            JobKind::Deploy => "deploy",
+        }
+    }
+}
+
+/// `[deploy]`: which published image a deploy job writes, and what follows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Deploy {
+    /// The published image: its job id, as in `images/<id>/` on the job
+    /// server.
+    pub image: String,
+    /// BLAKE3 of the image's manifest, if the job pins one: the deploy then
+    /// refuses any other publication of that id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_blake3: Option<String>,
+    /// Move the GPT's backup header to the end of a larger disk and grow the
+    /// last partition and its ext4 filesystem to fill it.
+    #[serde(default = "yes")]
+    pub grow: bool,
+    /// Reboot into the deployed system when done.
+    #[serde(default = "yes")]
+    pub reboot: bool,
 }
 
 fn default_priority() -> u32 {
@@ -199,6 +245,16 @@ pub struct Disk {
 
 fn default_device() -> String {
     "auto".into()
+}
+
+impl Default for Disk {
+    fn default() -> Self {
+        Disk {
+            device: default_device(),
+            table: Table::default(),
+            partitions: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -591,6 +647,19 @@ fn validate(spec: &JobSpec) -> Result<(), JobError> {
         "description",
         "holds a control character other than a newline or a tab",
     )?;
+    if spec.kind == JobKind::Deploy {
+        return validate_deploy(spec);
+    }
+    check(
+        spec.deploy.is_none(),
+        "deploy",
+        "is only for kind = \"deploy\" jobs",
+    )?;
+    check(
+        spec.disk != Disk::default(),
+        "",
+        "missing field `disk`: a build job needs [disk] and its partitions",
+    )?;
     validate_disk(&spec.disk)?;
     let has_root = spec
         .disk
@@ -670,6 +739,57 @@ fn validate(spec: &JobSpec) -> Result<(), JobError> {
         format!("{} is out of range 1..=22", spec.image.compression_level),
     )?;
     Ok(())
+}
+
+/// A deploy job names a published image and the disk; everything that
+/// shapes a build is refused rather than ignored.
+fn validate_deploy(spec: &JobSpec) -> Result<(), JobError> {
+    let deploy = spec.deploy.as_ref().ok_or_else(|| {
+        JobError::new(
+            "deploy",
+            "is missing: a kind = \"deploy\" job needs [deploy] image = \"ID\"",
+        )
+    })?;
+    at("deploy.image", check_job_id(&deploy.image))?;
+    if let Some(h) = &deploy.manifest_blake3 {
+        check(
+            is_blake3_hex(h),
+            "deploy.manifest_blake3",
+            format!("{h:?} is not a BLAKE3 hash (64 lower-case hex digits)"),
+        )?;
+    }
+    check(
+        spec.disk.device == "auto"
+            || (spec.disk.device.starts_with("/dev/")
+                && check_target_path(&spec.disk.device).is_ok()),
+        "disk.device",
+        format!(
+            "{:?} must be \"auto\" or a device path under /dev/",
+            spec.disk.device
+        ),
+    )?;
+    let building = [
+        ("disk.partitions", !spec.disk.partitions.is_empty()),
+        ("payloads", !spec.payloads.is_empty()),
+        ("configure", spec.configure != Configure::default()),
+        ("steps", !spec.steps.is_empty()),
+        ("boot", spec.boot.is_some()),
+        ("image", spec.image != ImageSpec::default()),
+    ];
+    for (field, set) in building {
+        check(
+            !set,
+            field,
+            "is for building; a deploy job writes the published image as it is",
+        )?;
+    }
+    Ok(())
+}
+
+fn is_blake3_hex(h: &str) -> bool {
+    h.len() == 64
+        && h.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 fn validate_boot(boot: &Boot, disk: &Disk, has_root: bool) -> Result<(), JobError> {

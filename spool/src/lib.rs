@@ -18,6 +18,7 @@ pub mod printable;
 pub mod queue;
 #[cfg(feature = "sftp")]
 pub mod sftp;
+pub mod signature;
 pub mod spool;
 pub mod status;
 pub mod stream;

@@ -32,6 +32,74 @@ pub struct PayloadHash {
 pub struct PhaseTime {
     pub name: String,
     pub seconds: f64,
+    /// When the phase began (absent in manifests from before it was kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started: Option<Timestamp>,
+}
+
+/// Longest text field of [`Hardware`], in bytes.
+pub const MAX_HARDWARE_FIELD: usize = 256;
+/// Most network interfaces in [`Hardware::nics`].
+pub const MAX_NICS: usize = 64;
+
+/// The build machine as the agent saw it. The agent says so; the master's
+/// signature attests that this agent said it, not that it is true.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hardware {
+    /// DMI system vendor and product name (`/sys/class/dmi/id`).
+    #[serde(default)]
+    pub vendor: String,
+    #[serde(default)]
+    pub product: String,
+    /// The CPU's model name and how many logical CPUs are online.
+    #[serde(default)]
+    pub cpu_model: String,
+    #[serde(default)]
+    pub cpus: u32,
+    /// Memory, in bytes (`MemTotal`).
+    #[serde(default)]
+    pub memory_bytes: u64,
+    /// The disk the image was built on: model and size in bytes.
+    #[serde(default)]
+    pub disk_model: String,
+    #[serde(default)]
+    pub disk_size: u64,
+    #[serde(default)]
+    pub nics: Vec<Nic>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Nic {
+    pub name: String,
+    pub mac: String,
+}
+
+/// How the image was made: what the agent reports of itself and the
+/// machine, and what the master adds when it publishes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Provenance {
+    /// The agent's kiln version.
+    #[serde(default)]
+    pub kiln_version: String,
+    #[serde(default)]
+    pub hardware: Hardware,
+    /// Set by the master when it publishes: the job file's text, whose
+    /// BLAKE3 is [`ImageManifest::job_blake3`].
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub job_text: String,
+    /// Set by the master when it publishes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub published: Option<Timestamp>,
+    /// Set by the master when it publishes: the master's kiln version.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub publisher_version: String,
+    /// Set by the master when it publishes: the fingerprint of the key
+    /// that signs the manifest (`SHA256:...`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub signer: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -65,6 +133,9 @@ pub struct ImageManifest {
     /// [`MAX_GENERALIZED`] lines of [`MAX_GENERALIZED_LINE`] bytes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub generalized: Vec<String>,
+    /// How the image was made; see [`Provenance`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provenance: Option<Provenance>,
 }
 
 impl ImageManifest {

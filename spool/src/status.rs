@@ -28,10 +28,17 @@ pub enum Phase {
     Upload,
     /// `kiln-agent verify`, outside any job.
     Verify,
+    /// A deploy writes the image's data ranges onto the disk.
+    Deploy,
+    /// A deploy reads every range back from the disk and checks it.
+    Readback,
+    /// A deploy moves the GPT's backup header and grows the last
+    /// partition and its filesystem to fill a larger disk.
+    Grow,
 }
 
 impl Phase {
-    pub const ALL: [Phase; 12] = [
+    pub const ALL: [Phase; 15] = [
         Phase::Check,
         Phase::Download,
         Phase::Partition,
@@ -44,6 +51,9 @@ impl Phase {
         Phase::Capture,
         Phase::Upload,
         Phase::Verify,
+        Phase::Deploy,
+        Phase::Readback,
+        Phase::Grow,
     ];
 
     /// The name in status files, manifests and on the console.
@@ -61,6 +71,9 @@ impl Phase {
             Phase::Capture => "capture",
             Phase::Upload => "upload",
             Phase::Verify => "verify",
+            Phase::Deploy => "deploy",
+            Phase::Readback => "readback",
+            Phase::Grow => "grow",
         }
     }
 
@@ -69,7 +82,13 @@ impl Phase {
     pub fn counts_bytes(self) -> bool {
         matches!(
             self,
-            Phase::Download | Phase::Payloads | Phase::Capture | Phase::Upload | Phase::Verify
+            Phase::Download
+                | Phase::Payloads
+                | Phase::Capture
+                | Phase::Upload
+                | Phase::Verify
+                | Phase::Deploy
+                | Phase::Readback
         )
     }
 }
@@ -89,6 +108,10 @@ pub enum AgentState {
     Uploading,
     /// The upload is complete; waiting for the master to publish it.
     Uploaded,
+    /// A deploy job: writing the image onto the disk.
+    Deploying,
+    /// A deploy job is done; the agent reboots into the deployed system.
+    Deployed,
     /// The agent gave up on the job; `message` says why.
     Failed,
 }

@@ -16,6 +16,12 @@ pub const JOB_LOG: &str = "job.log";
 pub const IMAGE_FILE: &str = "image.raw.zst";
 /// Written by the master beside a published image.
 pub const PUBLISHED: &str = "published.toml";
+/// The master's SSH signature of a published image's `manifest.toml`
+/// (namespace [`crate::signature::NAMESPACE`]).
+pub const SIGNATURE: &str = "manifest.toml.sig";
+/// Written by an agent that finished a deploy job, in place of an upload:
+/// which image went onto which machine. Marks the deploy complete.
+pub const DEPLOYED: &str = "deployed.toml";
 
 pub fn chunk_name(index: usize) -> String {
     format!("chunk-{index:08}")
@@ -90,5 +96,46 @@ impl Published {
 
     pub fn to_toml(&self) -> String {
         toml::to_string(self).expect("a publish record always serializes")
+    }
+}
+
+/// What an agent reports when it has deployed an image (`deployed.toml`
+/// in its upload directory). Agent-written: the master reads it through
+/// [`crate::untrusted`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeployReport {
+    /// The deploy job.
+    pub job: String,
+    /// The published image written (its id under `images/`).
+    pub image: String,
+    /// BLAKE3 of the image's signed manifest: which publication it was.
+    pub manifest_blake3: String,
+    /// BLAKE3 of the compressed image.
+    pub image_blake3: String,
+    pub agent: String,
+    /// The disk written, its size in bytes, and whether the last partition
+    /// was grown to fill it.
+    pub disk: String,
+    pub disk_size: u64,
+    #[serde(default)]
+    pub grown: bool,
+    /// Bytes written (the image's data ranges).
+    pub bytes_written: u64,
+    pub started: crate::time::Timestamp,
+    pub finished: crate::time::Timestamp,
+    #[serde(default)]
+    pub phases: Vec<crate::manifest::PhaseTime>,
+    #[serde(default)]
+    pub hardware: crate::manifest::Hardware,
+}
+
+impl DeployReport {
+    pub fn parse(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a deploy report always serializes")
     }
 }

@@ -102,6 +102,7 @@ fn main() -> Result<()> {
         phases: vec![],
         ranges: vec![],
         generalized: Vec::new(),
+        provenance: None,
     };
     let bench = Bench {
         sshd,

@@ -37,6 +37,7 @@ pub fn random_image(
         phases: vec![],
         ranges: vec![],
         generalized: Vec::new(),
+        provenance: None,
     };
     Ok((path, manifest))
 }

@@ -604,6 +604,7 @@ mod tests {
                 phases: vec![],
                 ranges: r.ranges,
                 generalized: Vec::new(),
+                provenance: None,
             })
         })
         .unwrap();

@@ -386,9 +386,11 @@ fn resume_upload(
                 phases: vec![PhaseTime {
                     name: Phase::Capture.as_str().into(),
                     seconds: (t.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
+                    started: None,
                 }],
                 ranges: cap.ranges,
                 generalized: Vec::new(),
+                provenance: None,
             };
             up.captured(&manifest);
             Ok::<_, crate::Error>(manifest)

@@ -198,6 +198,7 @@ fn upload(spool: &LocalSpool, lease: &Lease) {
             },
         ],
         generalized: Vec::new(),
+        provenance: None,
     };
     spool
         .write_atomic(&format!("{dir}/{MANIFEST}"), manifest.to_toml().as_bytes())

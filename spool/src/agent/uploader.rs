@@ -910,6 +910,7 @@ mod tests {
             phases: vec![],
             ranges: vec![],
             generalized: Vec::new(),
+            provenance: None,
         };
         (path, manifest)
     }

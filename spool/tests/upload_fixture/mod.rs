@@ -48,6 +48,7 @@ pub fn upload(spool: &LocalSpool, lease: &Lease, image: &[u8], chunk_size: usize
         phases: vec![],
         ranges: vec![],
         generalized: Vec::new(),
+        provenance: None,
     };
     spool
         .write_atomic(&format!("{dir}/{MANIFEST}"), manifest.to_toml().as_bytes())

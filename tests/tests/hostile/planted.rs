@@ -352,6 +352,7 @@ fn plant_upload(c: &mut Ctx, job: &str, edit: fn(&mut ImageManifest)) -> Held {
         phases: vec![],
         ranges: vec![],
         generalized: Vec::new(),
+        provenance: None,
     };
     edit(&mut manifest);
     let record = Published {
