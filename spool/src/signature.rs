@@ -119,9 +119,8 @@ impl SigningKey {
             .key
             .sign(NAMESPACE, HashAlg::Sha512, message)
             .map_err(|e| SignatureError::Key(format!("signing: {e}")))?;
-        Ok(sig
-            .to_pem(LineEnding::LF)
-            .map_err(|e| SignatureError::Key(format!("encoding the signature: {e}")))?)
+        sig.to_pem(LineEnding::LF)
+            .map_err(|e| SignatureError::Key(format!("encoding the signature: {e}")))
     }
 }
 
