@@ -100,6 +100,9 @@ pub enum Command {
         #[arg(long, default_value = kiln_initramfs::pxe::DEFAULT_CMDLINE)]
         cmdline: String,
     },
+    /// Write a published image in a form other tools take: a raw or zstd
+    /// image with a .bmap for `bmaptool copy`, or a qcow2 for VMs and clouds.
+    Export(crate::export::ExportArgs),
     /// Make the ed25519 key pair agents log in with, the authorized_keys file
     /// and the sshd drop-in that confine it to SFTP in the spool.
     AgentKey {
@@ -191,6 +194,10 @@ fn open_spool(path: &Path) -> Result<LocalSpool, Failure> {
 fn run(cli: Cli) -> Result<(), Failure> {
     let now = Timestamp::now();
     match cli.command {
+        Command::Export(args) => {
+            let spool = open_spool(&cli.spool)?;
+            crate::export::run(&spool, &args).map_err(bad_input)?;
+        }
         Command::Init {
             agent_user,
             master_user,

@@ -4,5 +4,6 @@ pub mod agent_key;
 pub mod chroot;
 pub mod cli;
 pub mod command;
+pub mod export;
 pub mod init;
 pub mod tui;
