@@ -7,6 +7,8 @@
 //! disk = "auto"               # or /dev/nvme0n1
 //! debug = false               # on a fatal error: rescue shell instead of reboot
 //! upload_window = "32MiB"     # compressed image in flight to the server (see below)
+//! # keys whose signed images deploy jobs may write (`kiln-master signer`)
+//! image_signers = ['kiln-master namespaces="kiln-image" ssh-ed25519 AAAA...']
 //!
 //! [[servers]]
 //! address = "10.0.2.2:2222"
@@ -62,6 +64,10 @@ pub struct AgentConfig {
     /// Keys whose image signatures this agent accepts for deploy jobs, as
     /// allowed-signers lines (`kiln-master signer` prints one). With none,
     /// the agent refuses every deploy job.
+    ///
+    /// ```toml
+    /// image_signers = ['kiln-master namespaces="kiln-image" ssh-ed25519 AAAA...']
+    /// ```
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub image_signers: Vec<String>,
 }
@@ -287,6 +293,20 @@ impl AgentConfig {
                 ),
             ));
         }
+        for (i, line) in self.image_signers.iter().enumerate() {
+            let field = format!("image_signers[{i}]");
+            let signers = crate::signature::AllowedSigners::parse(line)
+                .map_err(|e| err(&field, e.to_string()))?;
+            if signers.is_empty() {
+                return Err(err(
+                    &field,
+                    format!(
+                        "holds no key for namespace {:?}: expected the line `kiln-master signer` prints",
+                        crate::signature::NAMESPACE
+                    ),
+                ));
+            }
+        }
         if let Some(id) = &self.id {
             crate::names::check_job_id(id).map_err(|p| err("id", format!("agent id {p}")))?;
         }
@@ -373,6 +393,25 @@ spool = "/srv/kiln"
             c.servers[1].host_key,
             "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG x"
         );
+    }
+
+    #[test]
+    fn image_signers_are_allowed_signers_lines_for_kiln_images() {
+        let key = crate::signature::SigningKey::generate("m").unwrap();
+        let line = key.allowed_signers_line("kiln-master");
+        let c = parse_agent_config(&format!("image_signers = ['{line}']\n{TEXT}")).unwrap();
+        assert_eq!(c.image_signers, [line]);
+        for (bad, want) in [
+            ("kiln-master ssh-ed25519 !!!", "not a public key"),
+            (
+                "kiln-master namespaces=\"git\" ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBf/f9GjeNFQUBPSbQA0tWJi2m4Wpm4kw1W45Ar1+OSl",
+                "no key for namespace",
+            ),
+        ] {
+            let e = parse_agent_config(&format!("image_signers = ['{bad}']\n{TEXT}")).unwrap_err();
+            assert_eq!(e.field, "image_signers[0]", "{e}");
+            assert!(e.problem.contains(want), "{e}");
+        }
     }
 
     #[test]

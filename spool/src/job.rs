@@ -1138,6 +1138,47 @@ mount = "/"
         assert!(j.configure.fstab);
     }
 
+    const DEPLOY: &str = r#"
+id = "web-01"
+kind = "deploy"
+[deploy]
+image = "debian"
+"#;
+
+    #[test]
+    fn a_deploy_job_names_an_image_and_nothing_to_build() {
+        let j = parse_job(DEPLOY).unwrap();
+        assert_eq!(j.kind, JobKind::Deploy);
+        let d = j.deploy.unwrap();
+        assert_eq!(d.image, "debian");
+        assert!(d.grow && d.reboot);
+        assert_eq!(d.manifest_blake3, None);
+        assert_eq!(j.disk.device, "auto");
+        let on = |extra: &str| parse_job(&format!("{DEPLOY}{extra}"));
+        assert!(on("[disk]\ndevice = \"/dev/vda\"\npartitions = []\n").is_ok());
+        for (extra, field) in [
+            ("[[disk.partitions]]\nlabel = \"r\"\nsize = \"rest\"\nkind = \"linux\"\nfs = \"ext4\"\n", "disk.partitions"),
+            ("[[payloads]]\nname = \"p.tar\"\n", "payloads"),
+            ("[[steps]]\nname = \"s\"\nrun = \"true\"\n", "steps"),
+            ("[configure]\nhostname = \"h\"\n", "configure"),
+            ("[image]\ngeneralize = false\n", "image"),
+            ("[disk]\ndevice = \"/etc/passwd\"\npartitions = []\n", "disk.device"),
+        ] {
+            let e = on(extra).unwrap_err();
+            assert_eq!(e.field, field, "{extra}: {e}");
+        }
+        let e = parse_job(&DEPLOY.replace("\"debian\"", "\"../images\"")).unwrap_err();
+        assert_eq!(e.field, "deploy.image", "{e}");
+        let e = parse_job(&format!("{DEPLOY}manifest_blake3 = \"XYZ\"\n")).unwrap_err();
+        assert_eq!(e.field, "deploy.manifest_blake3", "{e}");
+        let e = parse_job("id = \"a\"\nkind = \"deploy\"\n").unwrap_err();
+        assert_eq!(e.field, "deploy", "{e}");
+        let e = parse_job(&format!("{MINIMAL}[deploy]\nimage = \"x\"\n")).unwrap_err();
+        assert_eq!(e.field, "deploy", "{e}");
+        let e = parse_job("id = \"a\"\nkind = \"burn\"\n").unwrap_err();
+        assert_eq!(e.field, "kind", "{e}");
+    }
+
     #[test]
     fn syntax_errors_give_a_position() {
         let e = parse_job("id = \n").unwrap_err();
