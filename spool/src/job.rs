@@ -240,6 +240,8 @@ pub struct Disk {
     pub device: String,
     #[serde(default)]
     pub table: Table,
+    /// Required for a build (at least one); none for a deploy.
+    #[serde(default)]
     pub partitions: Vec<Partition>,
 }
 
