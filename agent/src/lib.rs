@@ -15,6 +15,7 @@ pub mod configure;
 pub mod disk;
 pub mod error;
 pub mod generalize;
+pub mod hardware;
 pub mod initramfs;
 pub mod joblog;
 pub mod payload;
