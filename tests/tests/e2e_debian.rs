@@ -5,7 +5,9 @@
 //! `-kernel`: one under OVMF (UEFI), one under SeaBIOS. Over SSH, as the
 //! job's user with its key, each shows the job's hostname, user and
 //! groups, an fstab and a root by UUID, the step's marker, no failed unit,
-//! and host keys and a machine-id of its own.
+//! and host keys and a machine-id of its own. Then a deploy job writes the
+//! published image onto a PXE-booted VM with a disk twice as large; it
+//! reboots, boots by firmware alone and its root fills the larger disk.
 
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -124,11 +126,19 @@ impl Rig {
             .server
             .agent_server_at(&format!("10.0.2.2:{}", rig.server.sshd().port()));
         assert_eq!(login.user, AGENT_USER);
+        // Agents accept images signed by this master's key, as
+        // `kiln-master signer` prints it.
+        let signer = rig.master(&["signer"])?;
+        let signer = signer
+            .lines()
+            .find(|l| l.contains("ssh-ed25519"))
+            .with_context(|| format!("`kiln-master signer` printed no key: {signer:?}"))?
+            .to_string();
         let config = rig.path("agent.toml");
         std::fs::write(
             &config,
             format!(
-                "poll_interval = \"2s\"\ndisk = \"auto\"\n\n[[servers]]\n\
+                "poll_interval = \"2s\"\ndisk = \"auto\"\nimage_signers = ['{signer}']\n\n[[servers]]\n\
                  address = \"{address}\"\nuser = \"{user}\"\n\
                  key = \"/etc/kiln/agent_key\"\nhost_key = \"{host_key}\"\nspool = \"{spool}\"\n",
                 address = login.address,
@@ -169,6 +179,13 @@ impl Rig {
     /// Reaps every two seconds, as `kiln-master serve` would, until `id` is
     /// finished; prints each phase as the agent reports it.
     fn wait_finished(&self, id: &str, vm: &Vm) -> Result<JobView> {
+        self.wait_finished_or_rebooted(id, vm, false)
+    }
+
+    /// As [`Rig::wait_finished`]; with `may_reboot`, the VM stopping (a
+    /// deploy reboots into what it wrote, and QEMU runs with `-no-reboot`)
+    /// is expected, and the wait goes on until the master records the job.
+    fn wait_finished_or_rebooted(&self, id: &str, vm: &Vm, may_reboot: bool) -> Result<JobView> {
         let mut last_reap: Option<Instant> = None;
         let started = Instant::now();
         wait_until(BUILD_TIMEOUT, &format!("job {id} to finish"), || {
@@ -177,10 +194,12 @@ impl Rig {
                 last_reap = Some(Instant::now());
             }
             if let Some(status) = vm.exit_status()? {
-                bail!(
-                    "vm {} stopped ({status}) before job {id} finished",
-                    vm.name()
-                );
+                if !may_reboot {
+                    bail!(
+                        "vm {} stopped ({status}) before job {id} finished",
+                        vm.name()
+                    );
+                }
             }
             let views = self.views()?;
             let Some(v) = views.into_iter().find(|v| v.id == id) else {
@@ -493,6 +512,8 @@ fn a_debian_image_built_by_kiln_boots_by_itself_under_uefi_and_bios() {
         ids.push(check_machine(&m, firmware));
         // Dropping the machine kills its QEMU: the next boot has the CPU.
     }
+    let deployed = deploy_onto_a_larger_disk(&rig, &key);
+    ids.push(deployed);
     assert_ne!(
         ids[0].host_key, ids[1].host_key,
         "two machines share a host key"
@@ -504,4 +525,112 @@ fn a_debian_image_built_by_kiln_boots_by_itself_under_uefi_and_bios() {
     for id in &ids {
         assert_eq!(id.machine_id.len(), 32, "machine-id {:?}", id.machine_id);
     }
+}
+
+/// Size of the disk a deploy job writes the published image onto: twice
+/// the builder's, so the deploy must grow the root to fill it.
+const DEPLOY_DISK_MIB: u64 = 2 * DISK_MIB;
+
+/// A deploy job through the same job list: a PXE-booted VM with a disk
+/// larger than the image claims it, writes the published image (signature,
+/// manifest and every range checked), grows the root, reports and reboots;
+/// the disk then boots by firmware alone, and over SSH its root fills the
+/// larger disk.
+fn deploy_onto_a_larger_disk(rig: &Rig, key: &Path) -> Identity {
+    let job = rig.path("deploy.toml");
+    let example = std::fs::read_to_string(repo_root().join("examples/jobs/deploy.toml")).unwrap();
+    std::fs::write(&job, &example).unwrap();
+    rig.master(&["add", &job.display().to_string()]).unwrap();
+
+    let started = Instant::now();
+    let disk = rig.path("deployed.qcow2");
+    create_disk(&disk, DEPLOY_DISK_MIB, DiskFormat::Qcow2).unwrap();
+    let k = kernel().unwrap();
+    let tftp = pxe_dir(
+        &rig.path("pxe-deployer"),
+        &k.vmlinuz,
+        &rig.initramfs,
+        &format!("{CMDLINE} kiln.id=deployer"),
+    )
+    .unwrap();
+    let deployer = Qemu::new("deployer")
+        .memory_mib(1024)
+        .disk(&disk)
+        .pxe(&tftp, BOOT_SCRIPT)
+        .spawn()
+        .unwrap();
+    let v = rig
+        .wait_finished_or_rebooted("deploy-debian", &deployer, true)
+        .unwrap();
+    assert_eq!(v.state, JobState::Done, "deploy-debian: {}", v.message);
+    // The agent reboots into what it wrote: with -no-reboot, QEMU ends.
+    wait_until(Duration::from_secs(120), "the deployer to reboot", || {
+        Ok(deployer.exit_status()?.map(|_| ()))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    eprintln!("bench: deployed {} s", started.elapsed().as_secs());
+    drop(deployer);
+
+    // The master records which machine got which image.
+    let shown = rig.master(&["show", "deploy-debian"]).unwrap();
+    for want in ["deployer", "debian"] {
+        assert!(
+            shown.contains(want),
+            "`show deploy-debian` lacks {want:?}:\n{shown}"
+        );
+    }
+
+    let m = Machine::boot(rig, Firmware::Uefi, &disk, key);
+    let took = m.wait_ssh();
+    eprintln!("bench: ssh deployed {} s", took.as_secs());
+    let id = check_machine(&m, Firmware::Uefi);
+    // The root partition and its filesystem fill the larger disk.
+    let disk_bytes: u64 = m.ssh("lsblk -bdno SIZE /dev/vda").parse().unwrap();
+    assert_eq!(disk_bytes, DEPLOY_DISK_MIB << 20);
+    let root_dev = m.ssh("findmnt -no SOURCE /");
+    let part_bytes: u64 = m
+        .ssh(&format!("lsblk -bdno SIZE {root_dev}"))
+        .parse()
+        .unwrap();
+    let fs_bytes: u64 = m
+        .ssh("df -B1 --output=size / | tail -n 1")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        part_bytes > disk_bytes - (100 << 20),
+        "the root partition {root_dev} is {part_bytes} bytes on a {disk_bytes}-byte disk"
+    );
+    assert!(
+        fs_bytes > (DISK_MIB << 20) + (DISK_MIB << 19),
+        "the root filesystem is {fs_bytes} bytes; the image's disk was {} MiB, this one {DEPLOY_DISK_MIB} MiB",
+        DISK_MIB
+    );
+    drop(m);
+
+    // On the host: the GPT is whole, its backup header at the disk's end.
+    let raw = rig.path("deployed.raw");
+    let st = Command::new("qemu-img")
+        .args(["convert", "-q", "-O", "raw"])
+        .arg(&disk)
+        .arg(&raw)
+        .status()
+        .unwrap();
+    assert!(st.success(), "qemu-img convert {} failed", disk.display());
+    let out = Command::new("sfdisk")
+        .arg("--verify")
+        .arg(&raw)
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.contains("No errors detected"),
+        "sfdisk --verify of the deployed disk: {said}"
+    );
+    std::fs::remove_file(&raw).unwrap();
+    id
 }
