@@ -32,4 +32,4 @@ bench: deps
 	@for b in scripts/bench-*.sh; do [ -x "$$b" ] || continue; echo "== $$b"; "$$b" || exit 1; done
 
 clean-demo:
-	rm -rf demo
+	rm -rf demo "$${KILN_DEMO_SERVER:-/run/kiln-demo}"

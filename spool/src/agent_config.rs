@@ -12,7 +12,7 @@
 //!
 //! [[servers]]
 //! address = "10.0.2.2:2222"
-//! user = "kiln"
+//! user = "kiln-agent"        # the default
 //! key = "/etc/kiln/agent_key"
 //! host_key = "ssh-ed25519 AAAA... host"
 //! spool = "/srv/kiln/spool"
@@ -120,8 +120,10 @@ pub struct Server {
     pub spool: String,
 }
 
+/// The agents' account that `kiln-master init --agent-user` and
+/// `agent-key` set up by default.
 fn default_user() -> String {
-    "kiln".into()
+    "kiln-agent".into()
 }
 
 // Credentials stay out of logs: Debug shows where the key is, never what.
@@ -369,7 +371,7 @@ spool = "/srv/kiln"
         assert_eq!(c.poll_interval.as_secs(), 5);
         assert_eq!(c.disk, "auto");
         assert_eq!(c.upload_window, 32 << 20);
-        assert_eq!(c.servers[0].user, "kiln");
+        assert_eq!(c.servers[0].user, "kiln-agent");
         assert!(
             !format!("{c:?}").contains("AAAAC3"),
             "host keys and credentials stay out of Debug"
