@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use kiln_spool::job::{FsKind, JobSpec};
-use kiln_spool::manifest::{ImageManifest, PayloadHash, PhaseTime};
+use kiln_spool::manifest::{ImageManifest, PayloadHash, PhaseTime, Provenance};
 use kiln_spool::time::Timestamp;
 
 use crate::boot;
@@ -100,6 +100,7 @@ impl Phases<'_> {
             phase,
             kind: EventKind::Started,
         });
+        let started = Timestamp::now();
         let t = Instant::now();
         let r = f(&mut *self.events);
         let seconds = t.elapsed().as_secs_f64();
@@ -111,11 +112,7 @@ impl Phases<'_> {
                 phase,
                 kind: EventKind::Finished { seconds },
             });
-            self.times.push(PhaseTime {
-                name: phase.as_str().into(),
-                seconds: (seconds * 1000.0).round() / 1000.0,
-                started: None,
-            });
+            self.times.push(phase_time(phase, started, seconds));
         }
         r
     }
@@ -269,9 +266,29 @@ fn build_phases(
         phases: phases.times.clone(),
         ranges: cap.ranges,
         generalized,
-        provenance: None,
+        provenance: Some(provenance(req.disk)),
     };
     Ok(manifest)
+}
+
+/// A phase's entry in the manifest: when it began and how long it took,
+/// to the millisecond.
+pub fn phase_time(phase: Phase, started: Timestamp, seconds: f64) -> PhaseTime {
+    PhaseTime {
+        name: phase.as_str().into(),
+        seconds: (seconds * 1000.0).round() / 1000.0,
+        started: Some(started),
+    }
+}
+
+/// What the agent says of itself and the machine that built on `disk`. The
+/// job's text, the publication and the signer are the master's to add.
+pub fn provenance(disk: &Path) -> Provenance {
+    Provenance {
+        kiln_version: env!("CARGO_PKG_VERSION").into(),
+        hardware: crate::hardware::summary(disk),
+        ..Provenance::default()
+    }
 }
 
 /// Writes `manifest` beside `image`, atomically.

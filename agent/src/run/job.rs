@@ -19,6 +19,7 @@ use super::download::{download_job, ServerPayloads};
 use super::heartbeat::{heartbeats, Beat};
 use super::upload::build_and_upload;
 use super::{connect, RunOptions};
+use crate::build::phase_time;
 use crate::joblog::JobLog;
 use crate::progress::{Event, EventKind, Phase, ProgressLine};
 use crate::BuildRequest;
@@ -135,7 +136,10 @@ impl<'a> HeldJob<'a> {
 
     /// Download, build, upload.
     fn work(&self) -> Result<()> {
+        let started = Timestamp::now();
+        let t = Instant::now();
         let (text, job) = download_job(self.spool, self.lease)?;
+        let download = phase_time(Phase::Download, started, t.elapsed().as_secs_f64());
         self.watch_stop();
         let image = self.image();
         let mut on_event = |e: &Event| {
@@ -182,7 +186,7 @@ impl<'a> HeldJob<'a> {
             agent_id: &self.opts.agent_id,
             work_dir: &mounts,
         };
-        let report = build_and_upload(self, &req, &mut on_event)?;
+        let report = build_and_upload(self, &req, download, &mut on_event)?;
         self.beat.set(|st| {
             st.state = AgentState::Uploaded;
             st.progress = 1.0;

@@ -9,12 +9,13 @@
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use kiln_spool::agent::claim::{check_lease, heartbeat, LeaseCheck};
 use kiln_spool::agent::uploader::{
-    upload_stream, ChunkSink, Resume, StreamError, StreamOptions, UploadProgress, UploadReport,
+    upload_stream_with, ChunkSink, Resume, StreamError, StreamOptions, UploadProgress, UploadReport,
 };
 use kiln_spool::agent_config::Server;
 use kiln_spool::lease::Lease;
@@ -30,7 +31,7 @@ use super::download::download_job;
 use super::heartbeat::{heartbeats, Beat};
 use super::job::HeldJob;
 use super::{connect, JobFailed, RunOptions};
-use crate::build::{build_into, BuildError, BuildRequest};
+use crate::build::{build_into, phase_time, provenance, BuildError, BuildRequest};
 use crate::capture::window::{split_window_here, WindowSplit};
 use crate::capture::{capture_to, CaptureOptions, ImageSink};
 use crate::joblog::JobLog;
@@ -64,6 +65,8 @@ struct Upload<'a> {
     log: &'a JobLog,
     /// The job's workspace: the job log and the mark.
     dir: &'a Path,
+    /// When the capture ended and the upload's own phase began.
+    upload_began: Mutex<Option<(Timestamp, Instant)>>,
 }
 
 impl Upload<'_> {
@@ -124,7 +127,8 @@ impl Upload<'_> {
             lease: self.lease.to_toml(),
         };
         let mark_text = toml::to_string(&mark).expect("a mark always serializes");
-        let r = upload_stream(self.spool, self.lease, &options, |sink| {
+        let complete = |m: &mut ImageManifest| self.completed(m);
+        let r = upload_stream_with(self.spool, self.lease, &options, &complete, |sink| {
             let mut marking = Marking {
                 sink,
                 mark: Some((&mark_path, &mark_text)),
@@ -138,6 +142,8 @@ impl Upload<'_> {
     /// The capture is done: the rest is the image's tail, the chunk list
     /// and the manifest, the upload's own phase.
     fn captured(&self, manifest: &ImageManifest) {
+        *self.upload_began.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((Timestamp::now(), Instant::now()));
         self.beat.set(|st| {
             st.state = AgentState::Uploading;
             st.phase = Phase::Upload;
@@ -150,6 +156,19 @@ impl Upload<'_> {
             manifest.image_size
         ));
         self.log.sync();
+    }
+
+    /// Every chunk is on the server: the upload phase ends as the manifest
+    /// is written.
+    fn completed(&self, manifest: &mut ImageManifest) {
+        let began = *self.upload_began.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((started, t)) = began {
+            let seconds = t.elapsed().as_secs_f64();
+            manifest
+                .phases
+                .push(phase_time(Phase::Upload, started, seconds));
+        }
+        manifest.finished = Timestamp::now();
     }
 
     fn done(&self, report: &UploadReport) {
@@ -193,6 +212,7 @@ impl ImageSink for Marking<'_> {
 pub(super) fn build_and_upload(
     held: &HeldJob,
     req: &BuildRequest,
+    download: PhaseTime,
     on_event: &mut dyn FnMut(&Event),
 ) -> Result<UploadReport> {
     let up = Upload {
@@ -203,10 +223,12 @@ pub(super) fn build_and_upload(
         beat: &held.beat,
         log: &held.log,
         dir: &held.dir,
+        upload_began: Mutex::new(None),
     };
     let split = up.split();
     let result = up.stream(&split, |sink| {
-        let manifest = build_into(req, sink, split.workers, on_event, &up.beat.abort)?;
+        let mut manifest = build_into(req, sink, split.workers, on_event, &up.beat.abort)?;
+        manifest.phases.insert(0, download);
         on_event(&Event {
             phase: Phase::Upload,
             kind: EventKind::Started,
@@ -310,8 +332,10 @@ fn resume_upload(
     lease: &Lease,
     dir: &Path,
 ) -> Result<UploadReport> {
-    let (text, job) = download_job(spool, lease)?;
     let now = Timestamp::now();
+    let t = Instant::now();
+    let (text, job) = download_job(spool, lease)?;
+    let download = phase_time(Phase::Download, now, t.elapsed().as_secs_f64());
     let beat = Beat::new(Status {
         job: lease.job.clone(),
         agent: opts.agent_id.clone(),
@@ -341,6 +365,7 @@ fn resume_upload(
         beat: &beat,
         log: &log,
         dir,
+        upload_began: Mutex::new(None),
     };
     let result = std::thread::scope(|s| {
         s.spawn(|| heartbeats(opts, server, lease, &beat));
@@ -350,6 +375,7 @@ fn resume_upload(
             threads: split.workers,
         };
         let r = up.stream(&split, |sink| {
+            let capture_started = Timestamp::now();
             let t = Instant::now();
             let mut events = |e: &Event| {
                 if let EventKind::Progress { done, total } = e.kind {
@@ -383,14 +409,14 @@ fn resume_upload(
                     .collect(),
                 started: now,
                 finished: Timestamp::now(),
-                phases: vec![PhaseTime {
-                    name: Phase::Capture.as_str().into(),
-                    seconds: (t.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
-                    started: None,
-                }],
+                // The build's own phases ran before the restart.
+                phases: vec![
+                    download,
+                    phase_time(Phase::Capture, capture_started, t.elapsed().as_secs_f64()),
+                ],
                 ranges: cap.ranges,
                 generalized: Vec::new(),
-                provenance: None,
+                provenance: Some(provenance(&opts.disk)),
             };
             up.captured(&manifest);
             Ok::<_, crate::Error>(manifest)

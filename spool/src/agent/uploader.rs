@@ -810,6 +810,19 @@ pub fn upload_stream<E>(
     opts: &StreamOptions,
     produce: impl FnOnce(&mut ChunkSink) -> Result<ImageManifest, E>,
 ) -> Result<UploadReport, StreamError<E>> {
+    upload_stream_with(fs, lease, opts, &|_| {}, produce)
+}
+
+/// [`upload_stream`], with `complete` called on the manifest once every
+/// chunk is on the server, just before the chunk list and the manifest are
+/// written: it may record the upload's own time in it.
+pub fn upload_stream_with<E>(
+    fs: &(dyn SpoolFs + Sync),
+    lease: &Lease,
+    opts: &StreamOptions,
+    complete: &(dyn Fn(&mut ImageManifest) + Sync),
+    produce: impl FnOnce(&mut ChunkSink) -> Result<ImageManifest, E>,
+) -> Result<UploadReport, StreamError<E>> {
     check_lease_fields(lease).map_err(StreamError::Upload)?;
     check_chunk_size(opts.plan.chunk_size).map_err(StreamError::Upload)?;
     let Pipes {
@@ -834,7 +847,8 @@ pub fn upload_stream<E>(
             sender.start()?;
             let image = sender.chunks(&hashed, &free)?;
             drop((hashed, free));
-            let manifest = manifest_rx.recv().map_err(|_| UploadError::StreamEnded)?;
+            let mut manifest = manifest_rx.recv().map_err(|_| UploadError::StreamEnded)?;
+            complete(&mut manifest);
             sender.finish(&image, &manifest, opts.job_log, "the image stream")
         });
         let produced = produce(&mut sink);
