@@ -1,0 +1,197 @@
+//! A deploy job's side of the spool: the published image it writes, read
+//! from `images/<id>/` as hostile input (sizes capped, text checked), and
+//! the `deployed.toml` it leaves in its upload directory when done.
+
+use std::io;
+
+use crate::agent::claim::{check_lease, LeaseCheck};
+use crate::agent::uploader::UploadError;
+use crate::lease::{check_token, Lease};
+use crate::names::check_job_id;
+use crate::signature::MAX_SIGNATURE;
+use crate::spool::{image_dir, incoming_dir, read_at_most, SpoolFs};
+use crate::untrusted::MAX_UPLOAD_RECORD;
+use crate::upload::{DeployReport, DEPLOYED, IMAGE_FILE, JOB_LOG, MANIFEST, SIGNATURE};
+
+/// Largest manifest an agent reads: the same cap the master puts on one.
+pub const MAX_MANIFEST: u64 = MAX_UPLOAD_RECORD;
+
+/// A published image's manifest and signature, as the job server has them.
+#[derive(Debug, Clone)]
+pub struct PublishedFiles {
+    /// `images/<id>/manifest.toml`, byte for byte: the signature covers
+    /// these bytes.
+    pub manifest: Vec<u8>,
+    pub manifest_path: String,
+    /// `images/<id>/manifest.toml.sig`.
+    pub signature: String,
+    pub signature_path: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishedError {
+    #[error("{path} is not on the job server: no image {image:?} is published there")]
+    Missing { image: String, path: String },
+    #[error("{path}: {problem}")]
+    Bad { path: String, problem: String },
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The path of a published image's compressed image file.
+pub fn image_file_path(image: &str) -> String {
+    format!("{}/{IMAGE_FILE}", image_dir(image))
+}
+
+/// Reads the manifest and signature of the image published as `image`.
+/// Neither is trusted yet: the caller checks the signature.
+pub fn fetch_published(fs: &dyn SpoolFs, image: &str) -> Result<PublishedFiles, PublishedError> {
+    check_job_id(image).map_err(|problem| PublishedError::Bad {
+        path: image_dir(image),
+        problem: format!("image id {problem}"),
+    })?;
+    let dir = image_dir(image);
+    let manifest_path = format!("{dir}/{MANIFEST}");
+    let signature_path = format!("{dir}/{SIGNATURE}");
+    let manifest = read_capped(fs, image, &manifest_path, MAX_MANIFEST)?;
+    let signature = read_capped(fs, image, &signature_path, MAX_SIGNATURE)?;
+    let signature = String::from_utf8(signature).map_err(|_| PublishedError::Bad {
+        path: signature_path.clone(),
+        problem: "is not UTF-8 text".into(),
+    })?;
+    Ok(PublishedFiles {
+        manifest,
+        manifest_path,
+        signature,
+        signature_path,
+    })
+}
+
+fn read_capped(
+    fs: &dyn SpoolFs,
+    image: &str,
+    path: &str,
+    max: u64,
+) -> Result<Vec<u8>, PublishedError> {
+    let io = |source: io::Error| PublishedError::Io {
+        what: format!("reading {path}"),
+        source,
+    };
+    match fs.size(path).map_err(io)? {
+        None => {
+            return Err(PublishedError::Missing {
+                image: image.to_string(),
+                path: path.to_string(),
+            })
+        }
+        Some(n) if n > max => {
+            return Err(PublishedError::Bad {
+                path: path.to_string(),
+                problem: format!("is {n} bytes, more than the {max} allowed"),
+            })
+        }
+        Some(_) => {}
+    }
+    let r = fs.open_read(path).map_err(io)?;
+    read_at_most(r, path, max).map_err(|e| {
+        if e.kind() == io::ErrorKind::InvalidData {
+            PublishedError::Bad {
+                path: path.to_string(),
+                problem: format!("is larger than {max} bytes"),
+            }
+        } else {
+            io(e)
+        }
+    })
+}
+
+#[cfg(feature = "sftp")]
+pub use owned::OwnedReader;
+
+#[cfg(feature = "sftp")]
+mod owned {
+    use std::io::{self, Read};
+
+    use crate::sftp::SftpSpool;
+
+    /// A file read on a session of its own, which it keeps open until it is
+    /// dropped: a reader that owns its link, for a stream another thread reads.
+    pub struct OwnedReader {
+        // Fields drop in order: the file before its session.
+        file: io::BufReader<ssh2::File>,
+        _spool: SftpSpool,
+    }
+
+    /// Large reads keep SFTP's read-ahead busy over a long link.
+    const READ_BUFFER: usize = 4 << 20;
+
+    impl OwnedReader {
+        /// Opens `path` (relative to the spool) on `spool`'s session, which the
+        /// reader then owns.
+        pub fn open(spool: SftpSpool, path: &str) -> io::Result<OwnedReader> {
+            let sftp = spool.session().session().sftp().map_err(io::Error::from)?;
+            let file = sftp
+                .open(std::path::Path::new(&spool.remote_path(path)))
+                .map_err(io::Error::from)?;
+            Ok(OwnedReader {
+                file: io::BufReader::with_capacity(READ_BUFFER, file),
+                _spool: spool,
+            })
+        }
+    }
+
+    impl Read for OwnedReader {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.file.read(buf)
+        }
+    }
+}
+
+/// Writes a finished deploy's job log, then `deployed.toml` last, into the
+/// lease's upload directory `incoming/<job>/<token>/`, each atomically, the
+/// lease checked before each. The report marks the deploy complete.
+pub fn write_deploy_report(
+    fs: &dyn SpoolFs,
+    lease: &Lease,
+    report: &DeployReport,
+    job_log: Option<&[u8]>,
+) -> Result<String, UploadError> {
+    let bad_lease = |problem: String| UploadError::BadLease {
+        job: lease.job.clone(),
+        problem,
+    };
+    check_job_id(&lease.job).map_err(|p| bad_lease(format!("job id {p}")))?;
+    check_token(&lease.token).map_err(bad_lease)?;
+    let dir = incoming_dir(&lease.job, &lease.token);
+    let io_ctx = |what: String| move |source: io::Error| UploadError::Io { what, source };
+    held(fs, lease)?;
+    fs.mkdir_all(&dir)
+        .map_err(io_ctx(format!("creating {dir}")))?;
+    if let Some(text) = job_log {
+        let path = format!("{dir}/{JOB_LOG}");
+        fs.write_atomic(&path, text)
+            .map_err(io_ctx(format!("writing {path}")))?;
+    }
+    held(fs, lease)?;
+    let path = format!("{dir}/{DEPLOYED}");
+    fs.write_atomic(&path, report.to_toml().as_bytes())
+        .map_err(io_ctx(format!("writing {path}")))?;
+    Ok(path)
+}
+
+fn held(fs: &dyn SpoolFs, lease: &Lease) -> Result<(), UploadError> {
+    match check_lease(fs, lease)? {
+        LeaseCheck::Held => Ok(()),
+        LeaseCheck::Gone => Err(UploadError::LeaseGone {
+            job: lease.job.clone(),
+        }),
+        LeaseCheck::Replaced { by_agent } => Err(UploadError::LeaseReplaced {
+            job: lease.job.clone(),
+            by_agent,
+        }),
+    }
+}
