@@ -105,6 +105,7 @@ fn build(root: &Path, jobs: usize, agents: usize) -> anyhow::Result<()> {
                 agent: format!("agent-{:03}", i % agents.max(1)),
                 token: "1-000000000000000000000000".into(),
                 status: None,
+                deployment: None,
             };
             put(root, &history_path(&id), record.to_toml().as_bytes())?;
             publish(root, &id, &record.agent, record.finished)?;

@@ -10,7 +10,8 @@
 //! images/<id>/              published images (appear whole, by rename)
 //! history/<id>.toml         finished jobs, with their last status
 //! logs/<id>.log             a holder's job log while it works
-//! master/                   the masters' own: the lock, lease records
+//! master/                   the masters' own: the lock, lease records and
+//!                           the image signing key
 //! ```
 //!
 //! Who may write what is the [`LAYOUT`]: `kiln-master init --agent-user`
@@ -42,6 +43,10 @@ pub const LOGS: &str = "logs";
 pub const MASTER_DIR: &str = "master";
 /// The masters' lock, so that the CLI, `serve` and the TUI never interleave.
 pub const MASTER_LOCK: &str = "master/lock";
+/// The master's image signing key (OpenSSH, unencrypted Ed25519, mode
+/// 0600) and its public half.
+pub const SIGNING_KEY: &str = "master/image-signing-key";
+pub const SIGNING_KEY_PUB: &str = "master/image-signing-key.pub";
 
 /// Who may write a spool directory, and so its owner and mode once
 /// `kiln-master init --agent-user USER` has run as root.
@@ -151,6 +156,12 @@ pub trait SpoolFs {
 
     fn exists(&self, path: &str) -> io::Result<bool> {
         Ok(self.size(path)?.is_some())
+    }
+
+    /// [`SpoolFs::create_exclusive`] for a secret (the master's signing
+    /// key): where the filesystem has modes, only its owner may read it.
+    fn create_private(&self, path: &str, data: &[u8]) -> io::Result<bool> {
+        self.create_exclusive(path, data)
     }
 
     /// Reads a file of at most `max` bytes, `None` if it does not exist;
@@ -267,8 +278,34 @@ impl LocalSpool {
 
     /// Writes `data` to a new temporary file beside `name` in `dir` and syncs it.
     fn write_temp(&self, dir: &OwnedFd, name: &str, data: &[u8]) -> io::Result<String> {
+        self.write_temp_mode(dir, name, data, 0o644)
+    }
+
+    /// Creates `path` with its full content, with `mode`, only if nothing
+    /// exists there: the content is written under a temporary name, then
+    /// linked into place, and link(2) fails if the target exists, so
+    /// readers never see a half-written file.
+    fn link_new(&self, path: &str, data: &[u8], mode: u32) -> io::Result<bool> {
+        let (dir, name) = self.parent_of(path)?;
+        let tmp = self.write_temp_mode(&dir, name, data, mode)?;
+        let linked = beneath::link(&dir, &tmp, &dir, name);
+        let _ = beneath::unlink(&dir, &tmp);
+        match linked {
+            Ok(()) => sync(&dir).map(|()| true),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn write_temp_mode(
+        &self,
+        dir: &OwnedFd,
+        name: &str,
+        data: &[u8],
+        mode: u32,
+    ) -> io::Result<String> {
         let tmp = temp_name(name);
-        let mut f = beneath::create_new(dir, &tmp, 0o644)?;
+        let mut f = beneath::create_new(dir, &tmp, mode)?;
         let written = f.write_all(data).and_then(|()| f.sync_all());
         if let Err(e) = written {
             let _ = beneath::unlink(dir, &tmp);
@@ -307,18 +344,11 @@ impl SpoolFs for LocalSpool {
     }
 
     fn create_exclusive(&self, path: &str, data: &[u8]) -> io::Result<bool> {
-        // Write the whole content under a temporary name, then link it into
-        // place: link(2) fails if the target exists, and readers never see a
-        // half-written lease.
-        let (dir, name) = self.parent_of(path)?;
-        let tmp = self.write_temp(&dir, name, data)?;
-        let linked = beneath::link(&dir, &tmp, &dir, name);
-        let _ = beneath::unlink(&dir, &tmp);
-        match linked {
-            Ok(()) => sync(&dir).map(|()| true),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
-            Err(e) => Err(e),
-        }
+        self.link_new(path, data, 0o644)
+    }
+
+    fn create_private(&self, path: &str, data: &[u8]) -> io::Result<bool> {
+        self.link_new(path, data, 0o600)
     }
 
     fn list(&self, dir: &str) -> io::Result<Vec<String>> {

@@ -11,11 +11,14 @@
 use std::io;
 
 use crate::lease::{check_token, Lease};
-use crate::manifest::{ImageManifest, MAX_GENERALIZED, MAX_GENERALIZED_LINE};
+use crate::manifest::{
+    Hardware, ImageManifest, PhaseTime, Provenance, MAX_GENERALIZED, MAX_GENERALIZED_LINE,
+    MAX_HARDWARE_FIELD, MAX_NICS,
+};
 use crate::names::check_job_id;
 use crate::spool::{lease_path, status_path, SpoolFs};
 use crate::status::Status;
-use crate::upload::{ChunkList, CHUNKS, MANIFEST};
+use crate::upload::{ChunkList, DeployReport, CHUNKS, DEPLOYED, MANIFEST};
 
 /// Largest lease file.
 pub const MAX_LEASE: u64 = 4 << 10;
@@ -31,6 +34,19 @@ pub const MAX_SERVER: usize = 256;
 pub const MAX_MESSAGE: usize = 4096;
 /// Most bytes a phase may report in all: 1 PiB, far above any disk or payload.
 pub const MAX_PHASE_BYTES: u64 = 1 << 50;
+/// Largest `deployed.toml`.
+pub const MAX_DEPLOY_REPORT: u64 = 64 << 10;
+/// Most phases a manifest or deploy report may list, and the longest name.
+pub const MAX_PHASES: usize = 64;
+pub const MAX_PHASE_NAME: usize = 64;
+/// Longest phase a record may report: ten years, in seconds.
+pub const MAX_PHASE_SECONDS: f64 = 10.0 * 366.0 * 86400.0;
+/// Longest kiln version string an agent may report.
+pub const MAX_VERSION: usize = 64;
+/// Most CPUs an agent may report.
+pub const MAX_CPUS: u32 = 1 << 20;
+/// Longest disk name in a deploy report.
+pub const MAX_DISK_NAME: usize = 256;
 
 /// Why something an agent wrote was not taken.
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +135,162 @@ pub fn check_generalized(lines: &[String]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// One line of printable text: bounded, no control characters.
+fn check_line(field: &str, s: &str, max: usize) -> Result<(), String> {
+    check_text(field, s, max)?;
+    if s.chars().any(crate::printable::needs_escape) {
+        return Err(format!("{field} holds a control character"));
+    }
+    Ok(())
+}
+
+/// A MAC address as the kernel prints it: six (or, for InfiniBand,
+/// twenty) two-digit hex octets joined by colons.
+pub fn check_mac(field: &str, mac: &str) -> Result<(), String> {
+    let octets: Vec<&str> = mac.split(':').collect();
+    let well_formed = matches!(octets.len(), 6 | 20)
+        && octets
+            .iter()
+            .all(|o| o.len() == 2 && o.bytes().all(|b| b.is_ascii_hexdigit()));
+    if !well_formed {
+        return Err(format!(
+            "{field} {:?} is not a MAC address (xx:xx:xx:xx:xx:xx)",
+            mac.escape_debug().to_string()
+        ));
+    }
+    Ok(())
+}
+
+/// The build machine's description as an agent reports it.
+pub fn check_hardware(h: &Hardware) -> Result<(), String> {
+    for (field, value) in [
+        ("hardware.vendor", &h.vendor),
+        ("hardware.product", &h.product),
+        ("hardware.cpu_model", &h.cpu_model),
+        ("hardware.disk_model", &h.disk_model),
+    ] {
+        check_line(field, value, MAX_HARDWARE_FIELD)?;
+    }
+    if h.cpus > MAX_CPUS {
+        return Err(format!(
+            "hardware.cpus is {}; at most {MAX_CPUS} are allowed",
+            h.cpus
+        ));
+    }
+    for (field, value) in [
+        ("hardware.memory_bytes", h.memory_bytes),
+        ("hardware.disk_size", h.disk_size),
+    ] {
+        if value > MAX_PHASE_BYTES {
+            return Err(format!("{field} {value} is more than {MAX_PHASE_BYTES}"));
+        }
+    }
+    if h.nics.len() > MAX_NICS {
+        return Err(format!(
+            "hardware.nics has {} entries; at most {MAX_NICS} are allowed",
+            h.nics.len()
+        ));
+    }
+    for (i, n) in h.nics.iter().enumerate() {
+        check_line(
+            &format!("hardware.nics[{i}].name"),
+            &n.name,
+            MAX_HARDWARE_FIELD,
+        )?;
+        check_mac(&format!("hardware.nics[{i}].mac"), &n.mac)?;
+    }
+    Ok(())
+}
+
+/// Phase times: a bounded list of named, finite, non-negative durations.
+pub fn check_phases(phases: &[PhaseTime]) -> Result<(), String> {
+    if phases.len() > MAX_PHASES {
+        return Err(format!(
+            "phases has {} entries; at most {MAX_PHASES} are allowed",
+            phases.len()
+        ));
+    }
+    for (i, p) in phases.iter().enumerate() {
+        check_line(&format!("phases[{i}].name"), &p.name, MAX_PHASE_NAME)?;
+        if !(0.0..=MAX_PHASE_SECONDS).contains(&p.seconds) {
+            return Err(format!(
+                "phases[{i}].seconds {} is not between 0 and {MAX_PHASE_SECONDS}",
+                p.seconds
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// What an agent may say of itself in a manifest's provenance. The fields
+/// the master sets when it publishes are not checked here: the master
+/// replaces them whatever they hold.
+pub fn check_provenance(p: &Provenance) -> Result<(), String> {
+    check_line("provenance.kiln_version", &p.kiln_version, MAX_VERSION)?;
+    check_hardware(&p.hardware).map_err(|e| format!("provenance.{e}"))
+}
+
+/// A BLAKE3 digest as kiln writes them: 64 lower-case hex digits.
+pub fn check_blake3(field: &str, s: &str) -> Result<(), String> {
+    if s.len() != 64 || !s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return Err(format!(
+            "{field} {:?} is not a BLAKE3 digest (64 lower-case hex digits)",
+            s.escape_debug().to_string()
+        ));
+    }
+    Ok(())
+}
+
+/// Reads and checks `<dir>/deployed.toml`, the report of an agent that
+/// deployed `image` for job `job`; `None` if it is not there (yet).
+pub fn deploy_report(
+    fs: &dyn SpoolFs,
+    dir: &str,
+    job: &str,
+    image: &str,
+) -> Result<Option<DeployReport>, Untrusted> {
+    let path = format!("{dir}/{DEPLOYED}");
+    let Some(text) = read_text(fs, &path, MAX_DEPLOY_REPORT)? else {
+        return Ok(None);
+    };
+    let r = DeployReport::parse(&text).map_err(|e| bad(&path, e.to_string()))?;
+    check_deploy_report(&r, job, image).map_err(|p| bad(&path, p))?;
+    Ok(Some(r))
+}
+
+/// The checks on a deploy report for job `job`, whose job file names `image`.
+pub fn check_deploy_report(r: &DeployReport, job: &str, image: &str) -> Result<(), String> {
+    if r.job != job {
+        return Err(format!(
+            "job {:?} is not {job:?}",
+            r.job.escape_debug().to_string()
+        ));
+    }
+    if r.image != image {
+        return Err(format!(
+            "image {:?} is not {image:?}, the image the job deploys",
+            r.image.escape_debug().to_string()
+        ));
+    }
+    check_blake3("manifest_blake3", &r.manifest_blake3)?;
+    check_blake3("image_blake3", &r.image_blake3)?;
+    check_line("agent", &r.agent, MAX_AGENT_ID)?;
+    if r.agent.is_empty() {
+        return Err("agent is empty".into());
+    }
+    check_line("disk", &r.disk, MAX_DISK_NAME)?;
+    for (field, value) in [
+        ("disk_size", r.disk_size),
+        ("bytes_written", r.bytes_written),
+    ] {
+        if value > MAX_PHASE_BYTES {
+            return Err(format!("{field} {value} is more than {MAX_PHASE_BYTES}"));
+        }
+    }
+    check_phases(&r.phases)?;
+    check_hardware(&r.hardware)
 }
 
 /// The checks on a lease that the file name `id` holds.
@@ -245,6 +417,25 @@ pub fn upload_records(fs: &dyn SpoolFs, dir: &str, job: &str) -> Result<UploadRe
     }
     check_text("agent", &manifest.agent, MAX_AGENT_ID).map_err(|p| bad(&manifest_path, p))?;
     check_generalized(&manifest.generalized).map_err(|p| bad(&manifest_path, p))?;
+    check_phases(&manifest.phases).map_err(|p| bad(&manifest_path, p))?;
+    if let Some(p) = &manifest.provenance {
+        check_provenance(p).map_err(|e| bad(&manifest_path, e))?;
+    }
+    if manifest.payloads.len() > crate::job::MAX_PAYLOADS {
+        return Err(bad(
+            &manifest_path,
+            format!(
+                "payloads has {} entries; at most {} are allowed",
+                manifest.payloads.len(),
+                crate::job::MAX_PAYLOADS
+            ),
+        ));
+    }
+    for (i, p) in manifest.payloads.iter().enumerate() {
+        check_line(&format!("payloads[{i}].name"), &p.name, MAX_HARDWARE_FIELD)
+            .and_then(|()| check_line(&format!("payloads[{i}].blake3"), &p.blake3, 64))
+            .map_err(|e| bad(&manifest_path, e))?;
+    }
     manifest
         .ranges
         .iter()

@@ -1,12 +1,17 @@
 //! The master's side of the spool rules: the operator's actions on the job
 //! list ([`operator`]), the job views that `list`, `show` and the TUI present
 //! ([`views`]), and the periodic pass that reaps leases and publishes
-//! uploads ([`reaper`], [`publish`]). Callers on a local spool hold
+//! uploads ([`reaper`], [`publish`]) or records deploys ([`deploy`]), with
+//! the image signing key ([`signing`]) and what `show` and `verify` read of
+//! a publication ([`provenance`]). Callers on a local spool hold
 //! [`crate::LocalSpool::lock`] around every change.
 
+pub mod deploy;
 pub mod operator;
+pub mod provenance;
 pub mod publish;
 pub mod reaper;
+pub mod signing;
 pub mod views;
 
 pub use operator::*;
@@ -43,6 +48,9 @@ pub enum MasterError {
     },
     #[error("{0}")]
     BadInput(String),
+    /// The master's signing key is unreadable or damaged.
+    #[error("{0}")]
+    SigningKey(String),
 }
 
 impl MasterError {
@@ -121,6 +129,9 @@ pub struct HistoryRecord {
     pub token: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<Status>,
+    /// For a deploy job: the agent's report of what it wrote where.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment: Option<crate::upload::DeployReport>,
 }
 
 impl HistoryRecord {

@@ -35,7 +35,9 @@ pub fn hash_payload(fs: &dyn SpoolFs, name: &str) -> Result<Option<String>> {
     Ok(Some(d.blake3))
 }
 
-/// Fills in each payload's `blake3` from the spool, or checks the one given.
+/// Fills in each payload's `blake3` from the spool, or checks the one given;
+/// for a deploy job, checks that its image is published and pins the
+/// publication's manifest (see [`crate::master::deploy::pin_deploy`]).
 /// Returns the job text with the hashes pinned (comments and layout kept).
 pub fn pin_payloads(fs: &dyn SpoolFs, text: &str, spec: &JobSpec) -> Result<String> {
     let mut doc: toml_edit::DocumentMut =
@@ -79,6 +81,9 @@ pub fn pin_payloads(fs: &dyn SpoolFs, text: &str, spec: &JobSpec) -> Result<Stri
                 table["blake3"] = toml_edit::value(actual);
             }
         }
+    }
+    if let Some(deploy) = &spec.deploy {
+        crate::master::deploy::pin_deploy(fs, &mut doc, deploy)?;
     }
     // Pinning adds text: the job must still be within every bound.
     let pinned = doc.to_string();

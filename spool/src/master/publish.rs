@@ -5,23 +5,35 @@
 //! master's alone, so `images/<id>/published.toml` is the publication's
 //! record: a master stopped anywhere after the rename finishes the job on
 //! its next pass ([`finish_published`]), whatever happened to the lease.
+//!
+//! The published `manifest.toml` is the agent's, checked field by field,
+//! with the provenance only the master can vouch for filled in (the job
+//! file's text, the publication's time, the master's version and key), and
+//! `manifest.toml.sig` is the master's SSH signature of exactly those bytes.
+//! Both are written in the staging directory, so a publication is never
+//! visible unsigned.
 
 use std::io::{Read, Write};
 
 use crate::stream::{HashReader, HashWriter, Limit};
 
 use crate::error::IoContext;
+use crate::job::{parse_job, MAX_JOB_BYTES};
 use crate::lease::Lease;
+use crate::manifest::{ImageManifest, Provenance};
 use crate::master::reaper::{release, tidy, ReapReport};
 use crate::master::{write_job_list, HistoryRecord, Result};
 use crate::queue::{EntryState, JobList};
+use crate::signature::SigningKey;
 use crate::spool::{
-    history_path, image_dir, incoming_dir, lease_path, status_path, SpoolFs, IMAGES, INCOMING,
-    TMP_PREFIX,
+    history_path, image_dir, incoming_dir, job_path, lease_path, status_path, SpoolFs, IMAGES,
+    INCOMING, TMP_PREFIX,
 };
 use crate::time::Timestamp;
 use crate::untrusted::{self, MAX_JOB_LOG};
-use crate::upload::{chunk_name, Published, CHUNKS, IMAGE_FILE, JOB_LOG, MANIFEST, PUBLISHED};
+use crate::upload::{
+    chunk_name, Published, CHUNKS, IMAGE_FILE, JOB_LOG, MANIFEST, PUBLISHED, SIGNATURE,
+};
 
 /// An upload verified and copied into `images/`, not yet visible.
 pub struct Staged {
@@ -36,12 +48,14 @@ fn staging_dir(lease: &Lease) -> String {
 /// under `images/`: every chunk's BLAKE3 and size against the chunk list,
 /// the whole image's against the manifest, the manifest's job hash against
 /// `job_blake3` (the master's pin). What is copied is what was hashed, so an
-/// agent that rewrites its chunks meanwhile gains nothing. `Err` says why the
-/// upload is refused.
+/// agent that rewrites its chunks meanwhile gains nothing. The manifest is
+/// completed with the master's provenance and signed with `key`. `Err` says
+/// why the upload is refused.
 pub fn stage(
     fs: &dyn SpoolFs,
     lease: &Lease,
     job_blake3: &str,
+    key: &SigningKey,
     now: Timestamp,
 ) -> std::result::Result<Staged, String> {
     let dir = incoming_dir(&lease.job, &lease.token);
@@ -53,6 +67,7 @@ pub fn stage(
             manifest.job_blake3.escape_debug().to_string()
         ));
     }
+    let signed = signed_manifest(fs, manifest, job_blake3, key, now)?;
 
     let tmp = staging_dir(lease);
     let io = |what: String| move |e: std::io::Error| format!("{what}: {e}");
@@ -98,11 +113,10 @@ pub fn stage(
                 manifest.image_blake3.escape_debug()
             ));
         }
-        fs.write_atomic(
-            &format!("{tmp}/{MANIFEST}"),
-            records.manifest_text.as_bytes(),
-        )
-        .map_err(io(format!("writing {tmp}/{MANIFEST}")))?;
+        fs.write_atomic(&format!("{tmp}/{MANIFEST}"), signed.text.as_bytes())
+            .map_err(io(format!("writing {tmp}/{MANIFEST}")))?;
+        fs.write_atomic(&format!("{tmp}/{SIGNATURE}"), signed.signature.as_bytes())
+            .map_err(io(format!("writing {tmp}/{SIGNATURE}")))?;
         copy_job_log(fs, &dir, &tmp);
         let published = Published {
             job: lease.job.clone(),
@@ -124,6 +138,76 @@ pub fn stage(
         let _ = fs.remove_dir_all(&tmp);
     }
     result.map(|()| Staged { tmp })
+}
+
+/// A manifest ready to publish: its text and the master's signature of it.
+struct SignedManifest {
+    text: String,
+    signature: String,
+}
+
+/// The agent's manifest with the master's provenance: the job file's text
+/// (read from `jobs/<id>.toml`, which must still hash to the pin), the
+/// time, the master's version and the signing key's fingerprint. Whatever
+/// the agent wrote in those fields is replaced. Each payload the agent
+/// lists must be one the job pins, with the pinned hash.
+fn signed_manifest(
+    fs: &dyn SpoolFs,
+    agents: &ImageManifest,
+    job_blake3: &str,
+    key: &SigningKey,
+    now: Timestamp,
+) -> std::result::Result<SignedManifest, String> {
+    let path = job_path(&agents.job);
+    let bytes = fs
+        .read_capped(&path, MAX_JOB_BYTES as u64)
+        .map_err(|e| format!("reading {path}: {e}"))?
+        .ok_or_else(|| format!("{path} is missing"))?;
+    let got = blake3::hash(&bytes).to_hex().to_string();
+    if got != job_blake3 {
+        return Err(format!(
+            "{path} has BLAKE3 {got}, the job list pins {job_blake3}"
+        ));
+    }
+    let job_text = String::from_utf8(bytes).map_err(|_| format!("{path} is not UTF-8"))?;
+    if let Ok(spec) = parse_job(&job_text) {
+        for (i, p) in agents.payloads.iter().enumerate() {
+            let pinned = spec
+                .payloads
+                .iter()
+                .any(|q| q.name == p.name && q.blake3.as_deref().unwrap_or("") == p.blake3);
+            if !pinned {
+                return Err(format!(
+                    "{MANIFEST}: payloads[{i}] {:?} with BLAKE3 {:?} is not a payload {path} pins",
+                    p.name.escape_debug().to_string(),
+                    p.blake3.escape_debug().to_string()
+                ));
+            }
+        }
+    }
+    let mut manifest = agents.clone();
+    let mut provenance = manifest.provenance.take().unwrap_or_default();
+    let claimed = Provenance {
+        kiln_version: provenance.kiln_version.clone(),
+        hardware: provenance.hardware.clone(),
+        ..Provenance::default()
+    };
+    if claimed != provenance {
+        tracing::warn!(
+            "{}: the agent set provenance fields only the master sets; they are replaced",
+            agents.job
+        );
+    }
+    provenance.job_text = job_text;
+    provenance.published = Some(now);
+    provenance.publisher_version = env!("CARGO_PKG_VERSION").to_string();
+    provenance.signer = key.fingerprint();
+    manifest.provenance = Some(provenance);
+    let text = manifest.to_toml();
+    let signature = key
+        .sign(text.as_bytes())
+        .map_err(|e| format!("signing {MANIFEST}: {e}"))?;
+    Ok(SignedManifest { text, signature })
 }
 
 /// Keeps the agent's job log with the image, cut at [`MAX_JOB_LOG`]; a log
@@ -186,7 +270,7 @@ pub fn commit(
     Ok(())
 }
 
-fn refuse(
+pub(crate) fn refuse(
     fs: &dyn SpoolFs,
     list: &mut JobList,
     lease: &Lease,
@@ -254,6 +338,7 @@ fn finish(fs: &dyn SpoolFs, list: &mut JobList, p: &Published, now: Timestamp) -
         agent: p.agent.clone(),
         token: p.token.clone(),
         status,
+        deployment: None,
     };
     let path = history_path(id);
     fs.write_atomic(&path, record.to_toml().as_bytes())

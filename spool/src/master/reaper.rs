@@ -12,11 +12,13 @@ use crate::error::IoContext;
 use crate::job::parse_job;
 use crate::lease::{check_token, Lease};
 use crate::master::publish::{self, Staged};
+use crate::master::{deploy, signing};
 use crate::master::{pin_payloads, write_job_list, MasterError, Result};
 use crate::names::check_job_id;
 use crate::queue::{read_job_list, Entry, EntryState, JobList};
 use crate::spool::{
-    incoming_dir, job_path, lease_path, SpoolFs, HISTORY, INCOMING, JOBS, LEASES, LOGS, STATUS,
+    incoming_dir, job_path, lease_path, SpoolFs, HISTORY, INCOMING, JOBS, LEASES, LOGS,
+    SIGNING_KEY, STATUS,
 };
 use crate::status::AgentState;
 use crate::time::Timestamp;
@@ -34,6 +36,10 @@ pub struct ReapReport {
     /// Leases ended: (job, new state, why).
     pub released: Vec<(String, EntryState, String)>,
     pub published: Vec<String>,
+    /// Deploy jobs done: (job, image, agent).
+    pub deployed: Vec<(String, String, String)>,
+    /// What the master did of its own accord (made its signing key).
+    pub notes: Vec<String>,
     /// Uploads refused: (job, token, why).
     pub refused: Vec<(String, String, String)>,
     /// Stray or malformed entries in the agents' areas, removed: (path, why).
@@ -62,7 +68,13 @@ impl ReapReport {
                 .iter()
                 .map(|(id, st, why)| format!("{id} -> {}: {why}", state_word(*st))),
         );
+        out.extend(self.notes.iter().cloned());
         out.extend(self.published.iter().map(|id| format!("published {id}")));
+        out.extend(
+            self.deployed
+                .iter()
+                .map(|(id, image, agent)| format!("deployed {image} onto {agent} ({id})")),
+        );
         out.extend(
             self.refused
                 .iter()
@@ -129,14 +141,35 @@ pub fn pass<G>(
     };
 
     // Verification and the copy into images/ run without the lock: nothing
-    // is visible until the locked step below renames it into place.
-    let staged: Vec<(Lease, std::result::Result<Staged, String>)> = candidates
-        .into_iter()
-        .map(|(lease, job_blake3)| {
-            let r = publish::stage(fs, &lease, &job_blake3, now());
-            (lease, r)
-        })
-        .collect();
+    // is visible until the locked step below renames it into place. The
+    // signing key is read (or made, exclusively) here too. Without a usable
+    // key nothing is published and the uploads wait for the next pass.
+    let key = if candidates.is_empty() {
+        None
+    } else {
+        match signing::load_or_create_key(fs) {
+            Ok((key, created)) => {
+                if created {
+                    report.notes.push(format!(
+                        "created the image signing key {SIGNING_KEY} ({})",
+                        key.fingerprint()
+                    ));
+                }
+                Some(Ok(key))
+            }
+            Err(e) => Some(Err(e)),
+        }
+    };
+    let staged: Vec<(Lease, std::result::Result<Staged, String>)> = match &key {
+        Some(Ok(key)) => candidates
+            .into_iter()
+            .map(|(lease, job_blake3)| {
+                let r = publish::stage(fs, &lease, &job_blake3, key, now());
+                (lease, r)
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
 
     let _guard = take()?;
     let now = now();
@@ -146,7 +179,11 @@ pub fn pass<G>(
     for (lease, outcome) in staged {
         publish::commit(fs, &mut list, &lease, outcome, now, &mut report)?;
     }
+    deploy::finish_deploys(fs, &mut list, now, &mut report)?;
     reap_leases(fs, &mut list, now, &mut report)?;
+    if let Some(Err(e)) = key {
+        return Err(e);
+    }
     Ok(report)
 }
 

@@ -1,0 +1,183 @@
+//! What `kiln-master show` and `verify` read of a publication: the signed
+//! manifest with its provenance, the signature, and whether the image still
+//! matches both.
+
+use crate::error::IoContext;
+use crate::manifest::ImageManifest;
+use crate::master::signing::load_key;
+use crate::master::{MasterError, Result};
+use crate::signature::{AllowedSigners, MAX_SIGNATURE};
+use crate::spool::{image_dir, SpoolFs, SIGNING_KEY};
+use crate::stream;
+use crate::untrusted::MAX_UPLOAD_RECORD;
+use crate::upload::{Published, IMAGE_FILE, MANIFEST, PUBLISHED, SIGNATURE};
+
+/// A published image as it lies in `images/<id>/`.
+#[derive(Debug, Clone)]
+pub struct ImageRecord {
+    pub id: String,
+    pub published: Published,
+    /// The manifest's bytes, as signed.
+    pub manifest_bytes: Vec<u8>,
+    pub manifest: ImageManifest,
+    /// BLAKE3 of `manifest.toml`: what deploy jobs pin.
+    pub manifest_blake3: String,
+    /// The text of `manifest.toml.sig`; `None` for an image published
+    /// before images were signed.
+    pub signature: Option<String>,
+}
+
+/// Whether a signature holds, and by whom.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SignatureCheck {
+    /// Verified; the principal of the allowed signer.
+    Valid(String),
+    Missing,
+    Invalid(String),
+}
+
+impl std::fmt::Display for SignatureCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SignatureCheck::Valid(p) => write!(f, "verifies (signed by {p})"),
+            SignatureCheck::Missing => write!(f, "missing: there is no {SIGNATURE}"),
+            SignatureCheck::Invalid(why) => write!(f, "does NOT verify: {why}"),
+        }
+    }
+}
+
+/// Reads `images/<id>/`; `None` if `id` is not a published image.
+pub fn read_image(fs: &dyn SpoolFs, id: &str) -> Result<Option<ImageRecord>> {
+    crate::names::check_job_id(id).map_err(|p| MasterError::BadInput(format!("image id {p}")))?;
+    let dir = image_dir(id);
+    let published_path = format!("{dir}/{PUBLISHED}");
+    let Some(bytes) = fs
+        .read_capped(&published_path, 64 << 10)
+        .ctx(|| format!("reading {published_path}"))?
+    else {
+        return Ok(None);
+    };
+    let published = Published::parse(&String::from_utf8_lossy(&bytes))
+        .map_err(|e| MasterError::BadInput(format!("{published_path}: {e}")))?;
+    let manifest_path = format!("{dir}/{MANIFEST}");
+    let manifest_bytes = fs
+        .read_capped(&manifest_path, MAX_UPLOAD_RECORD)
+        .ctx(|| format!("reading {manifest_path}"))?
+        .ok_or_else(|| MasterError::BadInput(format!("{manifest_path} is missing")))?;
+    let manifest = ImageManifest::parse(&String::from_utf8_lossy(&manifest_bytes))
+        .map_err(|e| MasterError::BadInput(format!("{manifest_path}: {e}")))?;
+    let sig_path = format!("{dir}/{SIGNATURE}");
+    let signature = fs
+        .read_capped(&sig_path, MAX_SIGNATURE)
+        .ctx(|| format!("reading {sig_path}"))?
+        .map(|b| String::from_utf8_lossy(&b).into_owned());
+    Ok(Some(ImageRecord {
+        id: id.to_string(),
+        published,
+        manifest_blake3: blake3::hash(&manifest_bytes).to_hex().to_string(),
+        manifest_bytes,
+        manifest,
+        signature,
+    }))
+}
+
+/// The master's own key as the one allowed signer.
+pub fn master_signers(fs: &dyn SpoolFs) -> Result<AllowedSigners> {
+    let key = load_key(fs)?.ok_or_else(|| {
+        MasterError::SigningKey(format!(
+            "{SIGNING_KEY} is missing: the master has no signing key (`kiln-master init` makes one)"
+        ))
+    })?;
+    let line = key.allowed_signers_line(crate::signature::DEFAULT_PRINCIPAL);
+    AllowedSigners::parse(&line).map_err(|e| MasterError::SigningKey(format!("{SIGNING_KEY}: {e}")))
+}
+
+impl ImageRecord {
+    /// Checks `manifest.toml.sig` against `signers`.
+    pub fn check_signature(&self, signers: &AllowedSigners) -> SignatureCheck {
+        match &self.signature {
+            None => SignatureCheck::Missing,
+            Some(sig) => match signers.verify(&self.manifest_bytes, sig) {
+                Ok(principal) => SignatureCheck::Valid(principal),
+                Err(e) => SignatureCheck::Invalid(e.to_string()),
+            },
+        }
+    }
+}
+
+/// What `verify` found, when everything holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    pub principal: String,
+    pub image_size: u64,
+    pub image_blake3: String,
+    pub manifest_blake3: String,
+}
+
+/// Checks a publication end to end: the signature over `manifest.toml`,
+/// the manifest against `published.toml`, and the image file's size and
+/// BLAKE3 (streamed) against the manifest. `Err` names the file and the
+/// mismatch.
+pub fn verify_image(
+    fs: &dyn SpoolFs,
+    id: &str,
+    signers: &AllowedSigners,
+) -> Result<std::result::Result<Verified, String>> {
+    let record = read_image(fs, id)?.ok_or_else(|| {
+        MasterError::BadInput(format!(
+            "{id:?} is not a published image: there is no {}/{PUBLISHED}",
+            image_dir(id)
+        ))
+    })?;
+    let dir = image_dir(id);
+    let principal = match record.check_signature(signers) {
+        SignatureCheck::Valid(p) => p,
+        SignatureCheck::Missing => return Ok(Err(format!("{dir}/{SIGNATURE} is missing"))),
+        SignatureCheck::Invalid(why) => {
+            return Ok(Err(format!(
+                "{dir}/{SIGNATURE} does not verify {dir}/{MANIFEST}: {why}"
+            )))
+        }
+    };
+    let m = &record.manifest;
+    if m.job != id {
+        return Ok(Err(format!(
+            "{dir}/{MANIFEST}: job is {:?}, not {id:?}",
+            m.job.escape_debug().to_string()
+        )));
+    }
+    if m.image_blake3 != record.published.image_blake3
+        || m.image_size != record.published.image_size
+    {
+        return Ok(Err(format!(
+            "{dir}/{MANIFEST} and {dir}/{PUBLISHED} disagree on the image's size or BLAKE3"
+        )));
+    }
+    let path = format!("{dir}/{IMAGE_FILE}");
+    let r = match fs.open_read(&path) {
+        Ok(r) => r,
+        Err(e) => return Ok(Err(format!("opening {path}: {e}"))),
+    };
+    let d = match stream::digest(r) {
+        Ok(d) => d,
+        Err(e) => return Ok(Err(format!("reading {path}: {e}"))),
+    };
+    if d.size != m.image_size {
+        return Ok(Err(format!(
+            "{path} is {} bytes, {MANIFEST} says image_size = {}",
+            d.size, m.image_size
+        )));
+    }
+    if d.blake3 != m.image_blake3 {
+        return Ok(Err(format!(
+            "{path} has BLAKE3 {}, {MANIFEST} says image_blake3 = {}",
+            d.blake3, m.image_blake3
+        )));
+    }
+    Ok(Ok(Verified {
+        principal,
+        image_size: d.size,
+        image_blake3: d.blake3,
+        manifest_blake3: record.manifest_blake3,
+    }))
+}
