@@ -11,5 +11,6 @@ pub mod procgroup;
 pub mod pxe;
 pub mod qemu;
 pub mod raw_sftp;
+pub mod rig;
 pub mod sshd;
 pub mod wait;

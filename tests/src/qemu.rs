@@ -65,17 +65,23 @@ impl DiskFormat {
 /// missing: a test that cannot run its tools fails rather than passes.
 pub fn require_qemu() {
     for tool in [QEMU, QEMU_IMG] {
-        let found = Command::new(tool)
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(
-            found,
-            "{tool} is missing: scripts/install-deps.sh installs qemu-system-x86 and qemu-utils"
-        );
+        require_tool(tool, "qemu-system-x86 and qemu-utils");
     }
+}
+
+/// Fails the test when `tool --version` does not run, naming `packages`,
+/// which scripts/install-deps.sh installs.
+pub fn require_tool(tool: &str, packages: &str) {
+    let found = Command::new(tool)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        found,
+        "{tool} is missing: scripts/install-deps.sh installs {packages}"
+    );
 }
 
 /// For callers written as `if skip_without_qemu() { return; }`: fails the

@@ -11,28 +11,21 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use kiln_e2e::binaries::kiln_agent_musl;
-use kiln_e2e::job_server::{JobServer, AGENT_USER};
 use kiln_e2e::kernel::{kernel, repo_root};
-use kiln_e2e::pxe::{pxe_dir, BOOT_SCRIPT};
-use kiln_e2e::qemu::{create_disk, require_qemu, DiskFormat, Qemu, Vm};
-use kiln_e2e::sshd::{keygen, require_sshd};
-use kiln_e2e::wait::wait_until;
-use kiln_initramfs::config::ExtraFile;
+use kiln_e2e::qemu::{create_disk, DiskFormat, Qemu, Vm};
+use kiln_e2e::rig::{require_tools as require_tools_for, view, Rig, CMDLINE};
+use kiln_e2e::sshd::keygen;
 use kiln_initramfs::Config;
-use kiln_spool::master::{job_views, HistoryRecord, JobState, JobView};
-use kiln_spool::spool::history_path;
-use kiln_spool::time::Timestamp;
+use kiln_spool::master::{JobState, JobView};
 use kiln_spool::upload::{IMAGE_FILE, MANIFEST, PUBLISHED};
-use kiln_spool::LocalSpool;
 
 /// From PXE to a published image, on a loaded 2-core machine under TCG.
 const BUILD_TIMEOUT: Duration = Duration::from_secs(600);
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
-const CMDLINE: &str = "console=ttyS0,115200 panic=-1 loglevel=4";
 const DISK_MIB: u64 = 256;
 const OS_PAYLOAD: &str = "os-root.tar";
 const APP_PAYLOAD: &str = "hello-app.tar";
@@ -46,102 +39,22 @@ fn one_at_a_time() -> MutexGuard<'static, ()> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Fails, naming the package, when a tool the scenarios need is missing.
 fn require_tools() {
-    require_qemu();
-    require_sshd();
-    for (tool, package) in [("zstd", "zstd"), ("tar", "tar")] {
-        let found = Command::new(tool)
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(
-            found,
-            "{tool} is missing: scripts/install-deps.sh installs {package}"
-        );
-    }
-    assert!(
-        Path::new("/bin/busybox").exists(),
-        "/bin/busybox is missing: scripts/install-deps.sh installs busybox-static"
-    );
+    require_tools_for(&[("zstd", "zstd"), ("tar", "tar")]);
 }
 
-/// The static agent, the initramfs's /init (built once).
-fn agent() -> PathBuf {
-    kiln_agent_musl().unwrap_or_else(|e| panic!("{e:#}"))
+/// What these scenarios add to the shared rig: their payloads, jobs and
+/// machines.
+trait Scenario {
+    fn add_payload(&self, file: &Path) -> Result<()>;
+    fn add_jobs(&self, jobs: &[(&str, String)]) -> Result<()>;
+    fn os_payload(&self) -> Result<PathBuf>;
+    fn app_payload(&self) -> Result<PathBuf>;
+    fn machine(&self, name: &str) -> Result<Vm>;
+    fn wait_jobs(&self, ids: &[&str], vms: &[&Vm]) -> Result<Vec<JobView>>;
 }
 
-/// A job server with its spool, set up by `kiln-master init --agent-user`
-/// and `agent-key`, and the initramfs that points agents at it: they log
-/// in as the agents' account with agent-key's key.
-struct Rig {
-    dir: tempfile::TempDir,
-    server: JobServer,
-    spool: PathBuf,
-    initramfs: PathBuf,
-    last_line: Mutex<String>,
-}
-
-impl Rig {
-    fn new(name: &str) -> Result<Self> {
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("kiln-e2e-{name}."))
-            .tempdir()
-            .context("creating the scenario's directory")?;
-        let server = JobServer::start()?;
-        let rig = Rig {
-            initramfs: dir.path().join("initramfs.img"),
-            spool: server.spool().to_path_buf(),
-            dir,
-            server,
-            last_line: Mutex::new(String::new()),
-        };
-        // The guests reach the host's 127.0.0.1 as 10.0.2.2.
-        let login = rig
-            .server
-            .agent_server_at(&format!("10.0.2.2:{}", rig.server.sshd().port()));
-        assert_eq!(login.user, AGENT_USER);
-        let config = rig.dir.path().join("agent.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "poll_interval = \"2s\"\ndisk = \"auto\"\n\n[[servers]]\n\
-                 address = \"{address}\"\nuser = \"{user}\"\n\
-                 key = \"/etc/kiln/agent_key\"\nhost_key = \"{host_key}\"\nspool = \"{spool}\"\n",
-                address = login.address,
-                user = login.user,
-                host_key = login.host_key,
-                spool = login.spool,
-            ),
-        )?;
-        let k = kernel()?;
-        let spec = Config {
-            agent: Some(agent()),
-            agent_config: Some(config),
-            kernel_modules: Some(k.modules.clone()),
-            files: vec![ExtraFile {
-                src: rig.server.agent_key(),
-                dest: "/etc/kiln/agent_key".into(),
-                mode: 0o600,
-            }],
-            ..Config::default()
-        }
-        .into_spec()?;
-        kiln_initramfs::write_image(&spec, &rig.initramfs).context("packing the initramfs")?;
-        Ok(rig)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// Runs `kiln-master --spool SPOOL ARGS`; returns its output.
-    fn master(&self, args: &[&str]) -> Result<String> {
-        self.server.master(args)
-    }
-
+impl Scenario for Rig {
     fn add_payload(&self, file: &Path) -> Result<()> {
         self.master(&["payload", "add", &file.display().to_string()])?;
         Ok(())
@@ -194,87 +107,13 @@ impl Rig {
     fn machine(&self, name: &str) -> Result<Vm> {
         let disk = self.path(&format!("{name}.qcow2"));
         create_disk(&disk, DISK_MIB, DiskFormat::Qcow2)?;
-        self.boot(Qemu::new(name).disk(&disk), name, "")
+        self.boot(Qemu::new(name).disk(&disk).memory_mib(1024), name, "")
     }
 
-    /// PXE-boots `vm` into the initramfs with `extra` on the kernel command line.
-    fn boot(&self, vm: Qemu, name: &str, extra: &str) -> Result<Vm> {
-        let k = kernel()?;
-        let tftp = pxe_dir(
-            &self.path(&format!("pxe-{name}")),
-            &k.vmlinuz,
-            &self.initramfs,
-            &format!("{CMDLINE} kiln.id={name} {extra}"),
-        )?;
-        vm.memory_mib(1024).pxe(&tftp, BOOT_SCRIPT).spawn()
-    }
-
-    fn views(&self) -> Result<Vec<JobView>> {
-        Ok(job_views(&LocalSpool::new(&self.spool), Timestamp::now())?)
-    }
-
-    /// Reaps every two seconds, as `kiln-master serve` would, until every
-    /// job in `ids` is done or has failed. Fails when a VM stops first.
-    fn wait_finished(&self, ids: &[&str], vms: &[&Vm]) -> Result<Vec<JobView>> {
-        let mut last_reap: Option<Instant> = None;
-        wait_until(BUILD_TIMEOUT, &format!("jobs {ids:?} to finish"), || {
-            if last_reap.is_none_or(|t| t.elapsed() >= Duration::from_secs(2)) {
-                self.master(&["reap"])?;
-                last_reap = Some(Instant::now());
-            }
-            for vm in vms {
-                if let Some(status) = vm.exit_status()? {
-                    bail!(
-                        "vm {} stopped ({status}) before the jobs finished",
-                        vm.name()
-                    );
-                }
-            }
-            let views = self.views()?;
-            self.show_progress(&views);
-            let finished = ids.iter().all(|id| {
-                views.iter().any(|v| {
-                    v.id == *id
-                        && matches!(
-                            v.state,
-                            JobState::Done
-                                | JobState::Failed
-                                | JobState::Invalid
-                                | JobState::Cancelled
-                        )
-                })
-            });
-            Ok(finished.then_some(views))
-        })
-    }
-
-    fn show_progress(&self, views: &[JobView]) {
-        let line = views
-            .iter()
-            .map(|v| {
-                format!(
-                    "{} {}{}",
-                    v.id,
-                    v.state.as_str(),
-                    v.phase
-                        .map(|p| format!(" ({})", p.as_str()))
-                        .unwrap_or_default()
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
-        let mut last = self.last_line.lock().unwrap_or_else(|p| p.into_inner());
-        if *last != line {
-            eprintln!("spool: {line}");
-            *last = line;
-        }
-    }
-
-    fn history(&self, id: &str) -> Result<HistoryRecord> {
-        let path = self.spool.join(history_path(id));
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        HistoryRecord::parse(&text).with_context(|| format!("parsing {}", path.display()))
+    /// Reaps until every job in `ids` is done or has failed. Fails when a
+    /// VM stops first.
+    fn wait_jobs(&self, ids: &[&str], vms: &[&Vm]) -> Result<Vec<JobView>> {
+        self.wait_finished(ids, vms, BUILD_TIMEOUT, false)
     }
 }
 
@@ -291,13 +130,6 @@ fn tar(root: &Path, out: &Path) -> Result<()> {
         bail!("tar {} failed ({status})", out.display());
     }
     Ok(())
-}
-
-fn view<'a>(views: &'a [JobView], id: &str) -> &'a JobView {
-    views
-        .iter()
-        .find(|v| v.id == id)
-        .unwrap_or_else(|| panic!("job {id} is not in the spool"))
 }
 
 /// A job on one ext4 root filling the disk, with the small Linux root.
@@ -340,7 +172,7 @@ fn image_initrd(dir: &Path) -> Result<PathBuf> {
 fn a_pxe_booted_machine_builds_and_uploads_and_the_published_image_boots() {
     require_tools();
     let _one = one_at_a_time();
-    let rig = Rig::new("deploy").unwrap();
+    let rig = Rig::new("deploy", None, "").unwrap();
     rig.add_payload(&rig.os_payload().unwrap()).unwrap();
     rig.add_payload(&rig.app_payload().unwrap()).unwrap();
     let ops_key = rig.path("ops_key");
@@ -402,7 +234,7 @@ time_limit = "2m"
     rig.add_jobs(&[("deploy", job)]).unwrap();
 
     let builder = rig.machine("builder").unwrap();
-    let views = rig.wait_finished(&["deploy"], &[&builder]).unwrap();
+    let views = rig.wait_jobs(&["deploy"], &[&builder]).unwrap();
     let v = view(&views, "deploy");
     assert_eq!(v.state, JobState::Done, "deploy: {}", v.message);
     let console = builder.serial();
@@ -430,7 +262,7 @@ time_limit = "2m"
         assert!(images.join(f).is_file(), "images/deploy/{f} is missing");
     }
     assert_eq!(rig.history("deploy").unwrap().agent, "builder");
-    let verify = Command::new(agent())
+    let verify = Command::new(kiln_agent_musl().unwrap())
         .arg("verify")
         .arg(images.join(IMAGE_FILE))
         .arg("--manifest")
@@ -458,7 +290,7 @@ time_limit = "2m"
         DISK_MIB << 20,
         "the image restores the whole disk"
     );
-    let initrd = image_initrd(rig.dir.path()).unwrap();
+    let initrd = image_initrd(rig.dir()).unwrap();
     let k = kernel().unwrap();
     let deployed = Qemu::new("deployed")
         .memory_mib(512)
@@ -493,7 +325,7 @@ time_limit = "2m"
 fn two_machines_take_three_jobs_by_priority_each_once() {
     require_tools();
     let _one = one_at_a_time();
-    let rig = Rig::new("priorities").unwrap();
+    let rig = Rig::new("priorities", None, "").unwrap();
     rig.add_payload(&rig.os_payload().unwrap()).unwrap();
     let jobs = [("urgent", 900), ("normal", 500), ("later", 100)];
     rig.add_jobs(
@@ -516,7 +348,7 @@ fn two_machines_take_three_jobs_by_priority_each_once() {
     let a = rig.machine("agent-a").unwrap();
     let b = rig.machine("agent-b").unwrap();
     let ids: Vec<&str> = jobs.iter().map(|(id, _)| *id).collect();
-    let views = rig.wait_finished(&ids, &[&a, &b]).unwrap();
+    let views = rig.wait_jobs(&ids, &[&a, &b]).unwrap();
 
     let consoles = [a.serial(), b.serial()];
     let mut started = Vec::new();
@@ -553,7 +385,7 @@ fn two_machines_take_three_jobs_by_priority_each_once() {
 fn a_payload_that_fails_its_hash_fails_the_job_and_the_machine_goes_on() {
     require_tools();
     let _one = one_at_a_time();
-    let rig = Rig::new("bad-job").unwrap();
+    let rig = Rig::new("bad-job", None, "").unwrap();
     rig.add_payload(&rig.os_payload().unwrap()).unwrap();
     let app = rig.app_payload().unwrap();
     let tampered = rig.path("tampered.tar");
@@ -572,7 +404,7 @@ fn a_payload_that_fails_its_hash_fails_the_job_and_the_machine_goes_on() {
     std::fs::write(&in_spool, bytes).unwrap();
 
     let vm = rig.machine("agent-c").unwrap();
-    let views = rig.wait_finished(&["broken", "good"], &[&vm]).unwrap();
+    let views = rig.wait_jobs(&["broken", "good"], &[&vm]).unwrap();
     let broken = view(&views, "broken");
     assert_eq!(broken.state, JobState::Failed, "broken: {}", broken.message);
     assert!(
@@ -605,9 +437,11 @@ fn a_payload_that_fails_its_hash_fails_the_job_and_the_machine_goes_on() {
 fn fatal_errors_are_explained_then_reboot_or_keep_a_rescue_shell() {
     require_tools();
     let _one = one_at_a_time();
-    let rig = Rig::new("fatal").unwrap();
+    let rig = Rig::new("fatal", None, "").unwrap();
 
-    let vm = rig.boot(Qemu::new("diskless"), "diskless", "").unwrap();
+    let vm = rig
+        .boot(Qemu::new("diskless").memory_mib(1024), "diskless", "")
+        .unwrap();
     let console = vm
         .wait_for_serial(BOOT_TIMEOUT, "kiln: rebooting in 10s")
         .unwrap();

@@ -12,31 +12,23 @@
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use kiln_e2e::binaries::kiln_agent_musl;
-use kiln_e2e::job_server::{JobServer, AGENT_USER};
-use kiln_e2e::kernel::{kernel, repo_root};
-use kiln_e2e::pxe::{pxe_dir, BOOT_SCRIPT};
-use kiln_e2e::qemu::{create_disk, require_qemu, DiskFormat, Qemu, Vm};
-use kiln_e2e::sshd::{keygen, require_sshd};
+use kiln_e2e::kernel::repo_root;
+use kiln_e2e::qemu::{create_disk, DiskFormat, Qemu, Vm};
+use kiln_e2e::rig::{require_tools as require_tools_for, view, Rig};
+use kiln_e2e::sshd::keygen;
 use kiln_e2e::wait::wait_until;
-use kiln_initramfs::config::ExtraFile;
-use kiln_initramfs::Config;
 use kiln_spool::manifest::ImageManifest;
-use kiln_spool::master::{job_views, JobState, JobView};
-use kiln_spool::time::Timestamp;
+use kiln_spool::master::{JobState, JobView};
 use kiln_spool::upload::{IMAGE_FILE, MANIFEST};
-use kiln_spool::LocalSpool;
 
 /// PXE power-on to a published image under TCG on a loaded 2-core machine
 /// (about 200 s alone).
 const BUILD_TIMEOUT: Duration = Duration::from_secs(1200);
 /// First boot of the image to SSH answering (about 40 s alone).
 const SSH_TIMEOUT: Duration = Duration::from_secs(400);
-const CMDLINE: &str = "console=ttyS0,115200 panic=-1 loglevel=4";
 const DISK_MIB: u64 = 2048;
 const PAYLOAD: &str = "debian-bookworm.tar.zst";
 const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
@@ -45,20 +37,22 @@ const SEABIOS: &str = "/usr/share/seabios/bios-256k.bin";
 
 /// Fails, naming the package, when a tool the scenario needs is missing.
 fn require_tools() {
-    require_qemu();
-    require_sshd();
-    for (tool, package) in [("zstd", "zstd"), ("ssh", "openssh-client")] {
-        let found = Command::new(tool)
-            .arg("-V")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok();
-        assert!(
-            found,
-            "{tool} is missing: scripts/install-deps.sh installs {package}"
-        );
-    }
+    require_tools_for(&[
+        ("zstd", "zstd"),
+        ("sfdisk", "fdisk"),
+        ("qemu-img", "qemu-utils"),
+    ]);
+    // ssh has no --version.
+    let ssh = Command::new("ssh")
+        .arg("-V")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    assert!(
+        ssh,
+        "ssh is missing: scripts/install-deps.sh installs openssh-client"
+    );
     for (file, package) in [
         (OVMF_CODE, "ovmf"),
         (OVMF_VARS, "ovmf"),
@@ -98,133 +92,35 @@ fn debian_payload() -> Result<PathBuf> {
     Ok(path)
 }
 
-/// A job server set up by `kiln-master init --agent-user` and `agent-key`,
-/// and the initramfs that points agents at it.
-struct Rig {
-    dir: tempfile::TempDir,
-    server: JobServer,
-    spool: PathBuf,
-    initramfs: PathBuf,
-    last_line: Mutex<String>,
-}
-
-impl Rig {
-    fn new() -> Result<Self> {
-        let dir = tempfile::Builder::new()
-            .prefix("kiln-e2e-debian.")
-            .tempdir_in("/var/tmp")
-            .context("creating the scenario's directory")?;
-        let server = JobServer::start()?;
-        let rig = Rig {
-            initramfs: dir.path().join("initramfs.img"),
-            spool: server.spool().to_path_buf(),
-            dir,
-            server,
-            last_line: Mutex::new(String::new()),
-        };
-        let login = rig
-            .server
-            .agent_server_at(&format!("10.0.2.2:{}", rig.server.sshd().port()));
-        assert_eq!(login.user, AGENT_USER);
-        // Agents accept images signed by this master's key, as
-        // `kiln-master signer` prints it.
-        let signer = rig.master(&["signer"])?;
-        let signer = signer
+/// The shared rig, whose agents accept images signed by the master's key
+/// as `kiln-master signer` prints it.
+fn rig() -> Result<Rig> {
+    Rig::new_with("debian", Some(Path::new("/var/tmp")), |server| {
+        let out = server.master(&["signer"])?;
+        let line = out
             .lines()
             .find(|l| l.contains("ssh-ed25519"))
-            .with_context(|| format!("`kiln-master signer` printed no key: {signer:?}"))?
-            .to_string();
-        let config = rig.path("agent.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "poll_interval = \"2s\"\ndisk = \"auto\"\nimage_signers = ['{signer}']\n\n[[servers]]\n\
-                 address = \"{address}\"\nuser = \"{user}\"\n\
-                 key = \"/etc/kiln/agent_key\"\nhost_key = \"{host_key}\"\nspool = \"{spool}\"\n",
-                address = login.address,
-                user = login.user,
-                host_key = login.host_key,
-                spool = login.spool,
-            ),
-        )?;
-        let k = kernel()?;
-        let spec = Config {
-            agent: Some(kiln_agent_musl()?),
-            agent_config: Some(config),
-            kernel_modules: Some(k.modules.clone()),
-            files: vec![ExtraFile {
-                src: rig.server.agent_key(),
-                dest: "/etc/kiln/agent_key".into(),
-                mode: 0o600,
-            }],
-            ..Config::default()
-        }
-        .into_spec()?;
-        kiln_initramfs::write_image(&spec, &rig.initramfs).context("packing the initramfs")?;
-        Ok(rig)
-    }
+            .with_context(|| format!("`kiln-master signer` printed no key: {out:?}"))?;
+        Ok(format!("image_signers = ['{line}']"))
+    })
+}
 
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
+/// A PXE-booted VM with an empty disk of `disk_mib`; `name` is its agent id.
+fn pxe_machine(rig: &Rig, name: &str, disk_mib: u64, memory_mib: u32) -> (Vm, PathBuf) {
+    let disk = rig.path(&format!("{name}.qcow2"));
+    create_disk(&disk, disk_mib, DiskFormat::Qcow2).unwrap();
+    let vm = rig
+        .boot(Qemu::new(name).memory_mib(memory_mib).disk(&disk), name, "")
+        .unwrap();
+    (vm, disk)
+}
 
-    fn master(&self, args: &[&str]) -> Result<String> {
-        self.server.master(args)
-    }
-
-    fn views(&self) -> Result<Vec<JobView>> {
-        Ok(job_views(&LocalSpool::new(&self.spool), Timestamp::now())?)
-    }
-
-    /// Reaps every two seconds, as `kiln-master serve` would, until `id` is
-    /// finished; prints each phase as the agent reports it.
-    fn wait_finished(&self, id: &str, vm: &Vm) -> Result<JobView> {
-        self.wait_finished_or_rebooted(id, vm, false)
-    }
-
-    /// As [`Rig::wait_finished`]; with `may_reboot`, the VM stopping (a
-    /// deploy reboots into what it wrote, and QEMU runs with `-no-reboot`)
-    /// is expected, and the wait goes on until the master records the job.
-    fn wait_finished_or_rebooted(&self, id: &str, vm: &Vm, may_reboot: bool) -> Result<JobView> {
-        let mut last_reap: Option<Instant> = None;
-        let started = Instant::now();
-        wait_until(BUILD_TIMEOUT, &format!("job {id} to finish"), || {
-            if last_reap.is_none_or(|t| t.elapsed() >= Duration::from_secs(2)) {
-                self.master(&["reap"])?;
-                last_reap = Some(Instant::now());
-            }
-            if let Some(status) = vm.exit_status()? {
-                if !may_reboot {
-                    bail!(
-                        "vm {} stopped ({status}) before job {id} finished",
-                        vm.name()
-                    );
-                }
-            }
-            let views = self.views()?;
-            let Some(v) = views.into_iter().find(|v| v.id == id) else {
-                bail!("job {id} is not in the spool");
-            };
-            let line = format!(
-                "{} {}{}",
-                v.id,
-                v.state.as_str(),
-                v.phase
-                    .map(|p| format!(" ({})", p.as_str()))
-                    .unwrap_or_default()
-            );
-            let mut last = self.last_line.lock().unwrap_or_else(|p| p.into_inner());
-            if *last != line {
-                eprintln!("{:4} s spool: {line}", started.elapsed().as_secs());
-                *last = line;
-            }
-            let done = matches!(
-                v.state,
-                JobState::Done | JobState::Failed | JobState::Invalid | JobState::Cancelled
-            );
-            Ok(done.then_some(v))
-        })
-    }
+/// Reaps until job `id` is finished; see [`Rig::wait_finished`].
+fn wait_finished(rig: &Rig, id: &str, vm: &Vm, may_reboot: bool) -> JobView {
+    let views = rig
+        .wait_finished(&[id], &[vm], BUILD_TIMEOUT, may_reboot)
+        .unwrap_or_else(|e| panic!("{e:#}\n--- serial ---\n{}", vm.serial()));
+    view(&views, id).clone()
 }
 
 /// The example job, with the test's key for the user.
@@ -445,7 +341,7 @@ fn check_machine(m: &Machine, firmware: Firmware) -> Identity {
 fn a_debian_image_built_by_kiln_boots_by_itself_under_uefi_and_bios() {
     require_tools();
     let payload = debian_payload().unwrap_or_else(|e| panic!("{e:#}"));
-    let rig = Rig::new().unwrap();
+    let rig = rig().unwrap();
     rig.master(&[
         "payload",
         "add",
@@ -463,23 +359,8 @@ fn a_debian_image_built_by_kiln_boots_by_itself_under_uefi_and_bios() {
 
     // Build: PXE power-on to the published image.
     let started = Instant::now();
-    let disk = rig.path("builder.qcow2");
-    create_disk(&disk, DISK_MIB, DiskFormat::Qcow2).unwrap();
-    let k = kernel().unwrap();
-    let tftp = pxe_dir(
-        &rig.path("pxe-builder"),
-        &k.vmlinuz,
-        &rig.initramfs,
-        &format!("{CMDLINE} kiln.id=builder"),
-    )
-    .unwrap();
-    let builder = Qemu::new("builder")
-        .memory_mib(1536)
-        .disk(&disk)
-        .pxe(&tftp, BOOT_SCRIPT)
-        .spawn()
-        .unwrap();
-    let v = rig.wait_finished("debian", &builder).unwrap();
+    let (builder, _) = pxe_machine(&rig, "builder", DISK_MIB, 1536);
+    let v = wait_finished(&rig, "debian", &builder, false);
     assert_eq!(v.state, JobState::Done, "debian: {}", v.message);
     // `scripts/bench-debian.sh` reads the `bench:` lines.
     eprintln!("bench: published {} s", started.elapsed().as_secs());
@@ -543,25 +424,8 @@ fn deploy_onto_a_larger_disk(rig: &Rig, key: &Path) -> Identity {
     rig.master(&["add", &job.display().to_string()]).unwrap();
 
     let started = Instant::now();
-    let disk = rig.path("deployed.qcow2");
-    create_disk(&disk, DEPLOY_DISK_MIB, DiskFormat::Qcow2).unwrap();
-    let k = kernel().unwrap();
-    let tftp = pxe_dir(
-        &rig.path("pxe-deployer"),
-        &k.vmlinuz,
-        &rig.initramfs,
-        &format!("{CMDLINE} kiln.id=deployer"),
-    )
-    .unwrap();
-    let deployer = Qemu::new("deployer")
-        .memory_mib(1024)
-        .disk(&disk)
-        .pxe(&tftp, BOOT_SCRIPT)
-        .spawn()
-        .unwrap();
-    let v = rig
-        .wait_finished_or_rebooted("deploy-debian", &deployer, true)
-        .unwrap();
+    let (deployer, disk) = pxe_machine(rig, "deployer", DEPLOY_DISK_MIB, 1024);
+    let v = wait_finished(rig, "deploy-debian", &deployer, true);
     assert_eq!(v.state, JobState::Done, "deploy-debian: {}", v.message);
     // The agent reboots into what it wrote: with -no-reboot, QEMU ends.
     wait_until(Duration::from_secs(120), "the deployer to reboot", || {
