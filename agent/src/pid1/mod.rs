@@ -202,6 +202,7 @@ fn supervise(console: &mut Console, ready: Ready, debug: bool) -> ! {
                 session: Default::default(),
             };
             let stop = AtomicBool::new(false);
+            crate::run::reboot_after_deploy(true);
             let mut out = Console::open();
             let r = run(&opts, &stop, &mut |l| out.line(l));
             let code = match r {

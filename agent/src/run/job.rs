@@ -9,12 +9,14 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use kiln_spool::agent::claim::heartbeat;
 use kiln_spool::agent_config::Server;
+use kiln_spool::job::JobKind;
 use kiln_spool::lease::Lease;
 use kiln_spool::sftp::SftpSpool;
 use kiln_spool::spool::{log_path, SpoolFs};
 use kiln_spool::status::{AgentState, Status};
 use kiln_spool::time::Timestamp;
 
+use super::deploy::deploy_job;
 use super::download::{download_job, ServerPayloads};
 use super::heartbeat::{heartbeats, Beat};
 use super::upload::build_and_upload;
@@ -134,44 +136,58 @@ impl<'a> HeldJob<'a> {
         (self.say.borrow_mut())(line)
     }
 
-    /// Download, build, upload.
-    fn work(&self) -> Result<()> {
+    /// One step of the job, in the job log and on the console.
+    pub fn step(&self, line: &str) {
+        self.log.line(line);
+        self.say(&format!("{}: {line}", self.lease.job));
+    }
+
+    /// An event of the build or the deploy: into the status, and a phase's
+    /// end and its byte progress onto the console.
+    pub fn on_event(&self, e: &Event) {
+        self.watch_stop();
+        if let EventKind::Started = e.kind {
+            self.beat.set(|st| {
+                st.phase = e.phase;
+                st.progress = 0.0;
+                st.bytes_done = 0;
+                st.bytes_total = 0;
+            });
+        }
+        match &e.kind {
+            EventKind::Progress { done, total } if e.phase.counts_bytes() => {
+                self.progress(e.phase, *done, *total)
+            }
+            EventKind::Finished { seconds } => self.say(&format!(
+                "{}: {} done in {seconds:.1}s",
+                self.lease.job, e.phase
+            )),
+            _ => {}
+        }
+        self.beat.set(|st| {
+            st.phase = e.phase;
+            if let Some(f) = e.fraction() {
+                st.progress = f;
+            }
+            if let EventKind::Message(m) = &e.kind {
+                st.message = m.clone();
+            }
+        });
+    }
+
+    /// Download, then build and upload, or deploy.
+    fn work(&self) -> Result<Done> {
         let started = Timestamp::now();
         let t = Instant::now();
         let (text, job) = download_job(self.spool, self.lease)?;
         let download = phase_time(Phase::Download, started, t.elapsed().as_secs_f64());
         self.watch_stop();
+        if job.kind == JobKind::Deploy {
+            let d = deploy_job(self, &job, download)?;
+            return Ok(Done::Deployed { reboot: d.reboot });
+        }
         let image = self.image();
-        let mut on_event = |e: &Event| {
-            self.watch_stop();
-            if let EventKind::Started = e.kind {
-                self.beat.set(|st| {
-                    st.phase = e.phase;
-                    st.progress = 0.0;
-                    st.bytes_done = 0;
-                    st.bytes_total = 0;
-                });
-            }
-            match &e.kind {
-                EventKind::Progress { done, total } if e.phase.counts_bytes() => {
-                    self.progress(e.phase, *done, *total)
-                }
-                EventKind::Finished { seconds } => self.say(&format!(
-                    "{}: {} done in {seconds:.1}s",
-                    self.lease.job, e.phase
-                )),
-                _ => {}
-            }
-            self.beat.set(|st| {
-                st.phase = e.phase;
-                if let Some(f) = e.fraction() {
-                    st.progress = f;
-                }
-                if let EventKind::Message(m) = &e.kind {
-                    st.message = m.clone();
-                }
-            });
-        };
+        let mut on_event = |e: &Event| self.on_event(e);
         let mounts = self.dir.join("mnt");
         std::fs::create_dir_all(&mounts)
             .with_context(|| format!("creating {}", mounts.display()))?;
@@ -195,12 +211,12 @@ impl<'a> HeldJob<'a> {
                 report.sent, report.skipped
             );
         });
-        Ok(())
+        Ok(Done::Built)
     }
 
     /// Tells the master how the job ended: the last heartbeat, and on a
     /// failure the job log first.
-    fn report(&self, result: Result<()>) -> Result<()> {
+    fn report(&self, result: Result<Done>) -> Result<Done> {
         let job = &self.lease.job;
         if let Some(why) = self.beat.lost() {
             self.log.line(&format!("stopped: {why}"));
@@ -208,7 +224,7 @@ impl<'a> HeldJob<'a> {
             bail!("stopped: {why}");
         }
         match result {
-            Ok(()) => {
+            Ok(done) => {
                 // The upload is complete and the master publishes it whatever
                 // the status says; a link that dropped since only loses the
                 // last heartbeat, so retry once on a new session and go on.
@@ -221,7 +237,7 @@ impl<'a> HeldJob<'a> {
                         self.say(&format!("{job}: the final status was not written: {e:#}"));
                     }
                 }
-                Ok(())
+                Ok(done)
             }
             Err(e) => {
                 let reason = format!("{e:#}");
@@ -242,8 +258,17 @@ impl<'a> HeldJob<'a> {
     }
 }
 
-/// Holds `lease` until its job is uploaded or failed; the heartbeat thread
-/// runs alongside.
+/// How a held job ended well.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Done {
+    /// Built and uploaded: the master publishes it.
+    Built,
+    /// Deployed and reported; `reboot` when the job asks to boot it now.
+    Deployed { reboot: bool },
+}
+
+/// Holds `lease` until its job is uploaded, deployed or failed; the
+/// heartbeat thread runs alongside.
 pub(super) fn do_job(
     opts: &RunOptions,
     server: &Server,
@@ -251,7 +276,7 @@ pub(super) fn do_job(
     lease: &Lease,
     stop: &AtomicBool,
     say: &mut dyn FnMut(&str),
-) -> Result<()> {
+) -> Result<Done> {
     let held = HeldJob::open(opts, server, spool, lease, stop, say)?;
     let result = std::thread::scope(|s| {
         s.spawn(|| heartbeats(opts, server, lease, &held.beat));

@@ -3,8 +3,10 @@
 //!
 //! One file per job: this poll loop, [`job`] the held job and its
 //! workspace, [`heartbeat`] the status thread, [`download`] the job and its
-//! payloads, [`upload`] the image.
+//! payloads, [`upload`] the image, [`deploy`] a deploy job's image onto the
+//! disk.
 
+mod deploy;
 mod download;
 mod heartbeat;
 mod identity;
@@ -105,6 +107,30 @@ fn is_job_failure(e: &anyhow::Error) -> bool {
     e.downcast_ref::<JobFailed>().is_some()
 }
 
+/// Whether a deploy job that asks for it ends with a reboot: only when the
+/// agent is the machine's init, never in a test or on an operator's shell.
+static REBOOT_AFTER_DEPLOY: AtomicBool = AtomicBool::new(false);
+
+/// Called by PID 1's run loop: a deploy job with `reboot = true` then
+/// boots the deployed system instead of asking for more work.
+pub fn reboot_after_deploy(yes: bool) {
+    REBOOT_AFTER_DEPLOY.store(yes, Ordering::SeqCst);
+}
+
+/// Syncs and reboots (RB_AUTOBOOT) when the agent is the machine's init;
+/// otherwise says so and returns. Returns as well if the reboot fails.
+fn reboot_into_deployed(say: &mut dyn FnMut(&str)) {
+    if !REBOOT_AFTER_DEPLOY.load(Ordering::SeqCst) {
+        say("the job asks for a reboot; the agent is not the machine's init, so it goes on");
+        return;
+    }
+    say("rebooting into the deployed system");
+    nix::unistd::sync();
+    // reboot(2) returns only when it failed.
+    let Err(e) = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+    say(&format!("reboot: {e}; asking for more work instead"));
+}
+
 fn connect(opts: &RunOptions, server: &Server) -> Result<SftpSpool> {
     SftpSpool::connect(server, &opts.session)
         .with_context(|| format!("connecting to {}", server.address))
@@ -133,8 +159,16 @@ fn try_server(
     ));
     let job = lease.job.clone();
     match job::do_job(opts, server, &spool, &lease, stop, say) {
-        Ok(()) => {
+        Ok(job::Done::Built) => {
             say(&format!("{job}: uploaded; the master publishes it"));
+            Ok(Some(job))
+        }
+        Ok(job::Done::Deployed { reboot }) => {
+            say(&format!("{job}: deployed; the master records it"));
+            if reboot {
+                drop(spool);
+                reboot_into_deployed(say);
+            }
             Ok(Some(job))
         }
         Err(e) => {
