@@ -30,7 +30,7 @@ pub struct ImageRecord {
 /// Whether a signature holds, and by whom.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SignatureCheck {
-    /// Verified; the principal of the allowed signer.
+    /// Verified; the fingerprint of the key that signed.
     Valid(String),
     Missing,
     Invalid(String),
@@ -108,7 +108,8 @@ impl ImageRecord {
 /// What `verify` found, when everything holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verified {
-    pub principal: String,
+    /// The fingerprint of the key that signed.
+    pub signer: String,
     pub image_size: u64,
     pub image_blake3: String,
     pub manifest_blake3: String,
@@ -130,7 +131,7 @@ pub fn verify_image(
         ))
     })?;
     let dir = image_dir(id);
-    let principal = match record.check_signature(signers) {
+    let signer = match record.check_signature(signers) {
         SignatureCheck::Valid(p) => p,
         SignatureCheck::Missing => return Ok(Err(format!("{dir}/{SIGNATURE} is missing"))),
         SignatureCheck::Invalid(why) => {
@@ -175,7 +176,7 @@ pub fn verify_image(
         )));
     }
     Ok(Ok(Verified {
-        principal,
+        signer,
         image_size: d.size,
         image_blake3: d.blake3,
         manifest_blake3: record.manifest_blake3,

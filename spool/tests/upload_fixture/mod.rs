@@ -11,7 +11,21 @@ use kiln_spool::{LocalSpool, SpoolFs};
 const T0: Timestamp = Timestamp(1_900_000_000);
 
 /// Writes a complete upload as an agent would: chunks, chunk list, manifest last.
+#[allow(dead_code)]
 pub fn upload(spool: &LocalSpool, lease: &Lease, image: &[u8], chunk_size: usize) -> ImageManifest {
+    upload_with(spool, lease, image, chunk_size, |_| {})
+}
+
+/// [`upload`] with the manifest changed by `edit` before it is written, as
+/// an agent that reports more (or lies) would.
+#[allow(dead_code)]
+pub fn upload_with(
+    spool: &LocalSpool,
+    lease: &Lease,
+    image: &[u8],
+    chunk_size: usize,
+    edit: impl FnOnce(&mut ImageManifest),
+) -> ImageManifest {
     let dir = incoming_dir(&lease.job, &lease.token);
     spool.mkdir_all(&dir).unwrap();
     let mut chunks = Vec::new();
@@ -32,7 +46,7 @@ pub fn upload(spool: &LocalSpool, lease: &Lease, image: &[u8], chunk_size: usize
     spool
         .write_atomic(&format!("{dir}/{CHUNKS}"), list.to_toml().as_bytes())
         .unwrap();
-    let manifest = ImageManifest {
+    let mut manifest = ImageManifest {
         format: "raw.zst".into(),
         job: lease.job.clone(),
         job_blake3: pinned_job_hash(spool, &lease.job).unwrap(),
@@ -50,6 +64,7 @@ pub fn upload(spool: &LocalSpool, lease: &Lease, image: &[u8], chunk_size: usize
         generalized: Vec::new(),
         provenance: None,
     };
+    edit(&mut manifest);
     spool
         .write_atomic(&format!("{dir}/{MANIFEST}"), manifest.to_toml().as_bytes())
         .unwrap();
