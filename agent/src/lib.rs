@@ -12,6 +12,7 @@ pub mod chroot;
 pub mod command;
 pub mod compression;
 pub mod configure;
+pub mod deploy;
 pub mod disk;
 pub mod error;
 pub mod generalize;

@@ -1,17 +1,162 @@
 //! Checks an image against its manifest: the compressed file's size and
 //! BLAKE3, every data range's BLAKE3, zeros everywhere else, and the disk
 //! size. Accepts the `.raw.zst` image or a raw disk (decompressed image).
+//!
+//! [`RangeWalker`] is the range-by-range check itself; `kiln-agent deploy`
+//! runs the same walker over the stream it writes.
 
 use std::fs::File;
 use std::io::{BufReader, Read, Write};
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
-use kiln_spool::manifest::ImageManifest;
+use kiln_spool::manifest::{DataRange, ImageManifest};
 use kiln_spool::stream::{HashReader, HashWriter};
 
 use crate::error::{check_abort, Context, Error, Result};
 use crate::progress::{Event, Phase, Throttle};
+
+/// A piece of the decompressed disk, as [`RangeWalker::feed`] hands it on.
+pub(crate) enum Piece<'a> {
+    /// Bytes of a data range, starting at disk offset `offset`.
+    Data { offset: u64, bytes: &'a [u8] },
+    /// A range has been seen whole and hashed.
+    RangeDone(std::result::Result<(), RangeMismatch>),
+}
+
+/// A data range whose bytes do not hash to what the manifest says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RangeMismatch {
+    pub index: usize,
+    pub offset: u64,
+    pub end: u64,
+    pub got: String,
+    pub want: String,
+}
+
+impl RangeMismatch {
+    /// `range 3 (bytes X..Y) has BLAKE3 A, the {whose} manifest says B`.
+    pub fn describe(&self, whose: &str) -> String {
+        format!(
+            "range {} (bytes {}..{}) has BLAKE3 {}, the {whose}manifest says {}",
+            self.index, self.offset, self.end, self.got, self.want
+        )
+    }
+}
+
+/// Walks the decompressed disk, buffer by buffer, against the manifest's
+/// sorted data ranges: hashes each range, hands its bytes on, and notes
+/// the first non-zero byte outside every range.
+pub(crate) struct RangeWalker<'m> {
+    ranges: &'m [DataRange],
+    pos: u64,
+    next: usize,
+    hash: Option<HashWriter<std::io::Sink>>,
+    first_nonzero: Option<u64>,
+}
+
+impl<'m> RangeWalker<'m> {
+    pub fn new(ranges: &'m [DataRange]) -> Self {
+        RangeWalker {
+            ranges,
+            pos: 0,
+            next: 0,
+            hash: None,
+            first_nonzero: None,
+        }
+    }
+
+    /// Disk offset of the next byte to feed.
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+
+    /// The first byte outside every range that is not zero, if one was seen.
+    pub fn first_nonzero(&self) -> Option<u64> {
+        self.first_nonzero
+    }
+
+    /// Feeds the next `buf.len()` bytes of the disk.
+    pub fn feed(
+        &mut self,
+        buf: &[u8],
+        sink: &mut dyn FnMut(Piece<'_>) -> Result<()>,
+    ) -> Result<()> {
+        let n = buf.len();
+        let mut i = 0usize;
+        while i < n {
+            let at = self.pos + i as u64;
+            match self.ranges.get(self.next) {
+                Some(r) if at >= r.offset => {
+                    let end = r.offset + r.length;
+                    let k = ((end - at) as usize).min(n - i);
+                    let bytes = &buf[i..i + k];
+                    self.hash
+                        .get_or_insert_with(|| HashWriter::new(std::io::sink()))
+                        .write_all(bytes)
+                        .ctx(|| "hashing a range".to_string())?;
+                    sink(Piece::Data { offset: at, bytes })?;
+                    i += k;
+                    if at + k as u64 == end {
+                        let got = self
+                            .hash
+                            .take()
+                            .map(|h| h.digest().blake3)
+                            .unwrap_or_default();
+                        let done = if got == r.blake3 {
+                            Ok(())
+                        } else {
+                            Err(RangeMismatch {
+                                index: self.next,
+                                offset: r.offset,
+                                end,
+                                got,
+                                want: r.blake3.clone(),
+                            })
+                        };
+                        self.next += 1;
+                        sink(Piece::RangeDone(done))?;
+                    }
+                }
+                range => {
+                    let k = range.map_or(n - i, |r| ((r.offset - at) as usize).min(n - i));
+                    if self.first_nonzero.is_none() {
+                        if let Some(z) = buf[i..i + k].iter().position(|&b| b != 0) {
+                            self.first_nonzero = Some(at + z as u64);
+                        }
+                    }
+                    i += k;
+                }
+            }
+        }
+        self.pos += n as u64;
+        Ok(())
+    }
+
+    /// What is wrong once the stream has ended: a non-zero byte outside the
+    /// ranges, a range never reached, a disk of the wrong size.
+    pub fn finish(&self, disk_size: u64) -> Vec<String> {
+        let mut problems = Vec::new();
+        if let Some(z) = self.first_nonzero {
+            problems.push(format!(
+                "byte {z} is outside every data range but is not zero"
+            ));
+        }
+        if self.next < self.ranges.len() {
+            problems.push(format!(
+                "the image ends at byte {} before data range {} does",
+                self.pos, self.next
+            ));
+        }
+        if self.pos != disk_size {
+            problems.push(format!(
+                "the image holds {} bytes, the manifest says the disk has {disk_size}",
+                self.pos
+            ));
+        }
+        problems
+    }
+}
 
 /// Verifies `image` against `manifest`; the error lists what does not match.
 pub fn verify(
@@ -36,10 +181,7 @@ pub fn verify(
             Box::new(&mut hr)
         };
         let mut buf = vec![0u8; 4 << 20];
-        let mut pos = 0u64;
-        let mut ri = 0usize;
-        let mut h: Option<HashWriter<std::io::Sink>> = None;
-        let mut first_nonzero: Option<u64> = None;
+        let mut walker = RangeWalker::new(&manifest.ranges);
         let mut throttle = Throttle::new(Phase::Verify, manifest.disk_size);
         loop {
             check_abort(abort)?;
@@ -48,66 +190,21 @@ pub fn verify(
                 Ok(n) => n,
                 Err(e) => {
                     problems.push(format!(
-                        "the image does not decompress after byte {pos}: {e}"
+                        "the image does not decompress after byte {}: {e}",
+                        walker.position()
                     ));
                     break;
                 }
             };
-            let mut i = 0usize;
-            while i < n {
-                let at = pos + i as u64;
-                let range = manifest.ranges.get(ri);
-                match range {
-                    Some(r) if at >= r.offset => {
-                        let end = r.offset + r.length;
-                        let k = ((end - at) as usize).min(n - i);
-                        h.get_or_insert_with(|| HashWriter::new(std::io::sink()))
-                            .write_all(&buf[i..i + k])
-                            .ctx(|| "hashing a range".to_string())?;
-                        i += k;
-                        if at + k as u64 == end {
-                            let got = h.take().map(|h| h.digest().blake3);
-                            if got.as_deref() != Some(r.blake3.as_str()) {
-                                problems.push(format!(
-                                    "range {ri} (bytes {}..{end}) has BLAKE3 {}, the manifest says {}",
-                                    r.offset,
-                                    got.unwrap_or_default(),
-                                    r.blake3
-                                ));
-                            }
-                            ri += 1;
-                        }
-                    }
-                    _ => {
-                        let k = range.map_or(n - i, |r| ((r.offset - at) as usize).min(n - i));
-                        if first_nonzero.is_none() {
-                            if let Some(z) = buf[i..i + k].iter().position(|&b| b != 0) {
-                                first_nonzero = Some(at + z as u64);
-                            }
-                        }
-                        i += k;
-                    }
+            walker.feed(&buf[..n], &mut |piece| {
+                if let Piece::RangeDone(Err(m)) = piece {
+                    problems.push(m.describe(""));
                 }
-            }
-            pos += n as u64;
-            throttle.update(pos.min(manifest.disk_size), events);
+                Ok(())
+            })?;
+            throttle.update(walker.position().min(manifest.disk_size), events);
         }
-        if let Some(z) = first_nonzero {
-            problems.push(format!(
-                "byte {z} is outside every data range but is not zero"
-            ));
-        }
-        if ri < manifest.ranges.len() {
-            problems.push(format!(
-                "the image ends at byte {pos} before data range {ri} does"
-            ));
-        }
-        if pos != manifest.disk_size {
-            problems.push(format!(
-                "the image holds {pos} bytes, the manifest says the disk has {}",
-                manifest.disk_size
-            ));
-        }
+        problems.extend(walker.finish(manifest.disk_size));
     }
     if compressed {
         std::io::copy(&mut hr, &mut std::io::sink())

@@ -123,7 +123,7 @@ pub const DEFAULT_MODULES: &[&str] = &[
 
 /// Tools copied with their shared libraries, by name (searched in the usual
 /// sbin and bin directories) or absolute path.
-pub const DEFAULT_TOOLS: &[&str] = &["mke2fs", "mkfs.vfat", "mkswap"];
+pub const DEFAULT_TOOLS: &[&str] = &["mke2fs", "mkfs.vfat", "mkswap", "e2fsck", "resize2fs"];
 
 impl Config {
     /// Parses a config; `base` is the directory relative paths start from.

@@ -1,0 +1,336 @@
+//! The write: the compressed image is decompressed on the calling thread
+//! and handed, 4 MiB at a time through a bounded channel, to a writer
+//! thread that walks the data ranges ([`RangeWalker`]), hashes each one,
+//! checks that everything between them is zero and writes only the ranges,
+//! with one `pwrite` per buffer. The first MiB of the first range (the
+//! partition tables) stays in memory and is written last, once every range
+//! and the whole compressed stream matched the signed manifest.
+
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::AtomicBool;
+use std::sync::mpsc::{channel, sync_channel};
+
+use kiln_spool::manifest::ImageManifest;
+use kiln_spool::stream::HashReader;
+
+use super::{ImageSource, Target};
+use crate::error::{check_abort, Context, Error, Result};
+use crate::progress::{Event, Phase, Throttle};
+use crate::verify::{Piece, RangeWalker};
+
+/// Bytes decompressed and written at once.
+const BUFFER: usize = 4 << 20;
+/// Buffers in flight: one being filled, the others queued or being written.
+const BUFFERS: usize = 4;
+/// The head of the first range held back until everything matched.
+pub const HELD_BACK: u64 = 1 << 20;
+
+/// Streams the compressed image once through BLAKE3 and compares its size
+/// and hash with the signed manifest. Nothing is written.
+pub(super) fn precheck(
+    source: &mut dyn ImageSource,
+    m: &ImageManifest,
+    events: &mut dyn FnMut(&Event),
+    abort: &AtomicBool,
+) -> Result<()> {
+    let what = source.describe();
+    let r = source.open().ctx(|| format!("opening {what}"))?;
+    let mut hr = HashReader::new(r);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut throttle = Throttle::new(Phase::Check, m.image_size);
+    loop {
+        check_abort(abort)?;
+        let n = hr.read(&mut buf).ctx(|| format!("reading {what}"))?;
+        if n == 0 {
+            break;
+        }
+        let done = hr.digest().size;
+        if done > m.image_size {
+            return Err(Error::Input(format!(
+                "{what} is longer than the {} bytes the signed manifest says",
+                m.image_size
+            )));
+        }
+        throttle.update(done, events);
+    }
+    let got = hr.digest();
+    if got.size != m.image_size {
+        return Err(Error::Input(format!(
+            "{what} has {} bytes, the signed manifest says {}",
+            got.size, m.image_size
+        )));
+    }
+    if got.blake3 != m.image_blake3 {
+        return Err(Error::Input(format!(
+            "{what} has BLAKE3 {}, the signed manifest says {}",
+            got.blake3, m.image_blake3
+        )));
+    }
+    Ok(())
+}
+
+/// Makes the bytes outside the data ranges read as zeros where that is
+/// cheap: a regular file gets holes punched (zeros written where the
+/// filesystem cannot punch), a block device gets those bytes discarded if
+/// it supports discard. Returns a note for the caller when nothing could
+/// be done.
+pub(super) fn clear_gaps(target: &Target, m: &ImageManifest) -> Result<Option<String>> {
+    let mut gaps = Vec::new();
+    let mut at = 0u64;
+    for r in &m.ranges {
+        if r.offset > at {
+            gaps.push((at, r.offset - at));
+        }
+        at = r.offset + r.length;
+    }
+    if m.disk_size > at {
+        gaps.push((at, m.disk_size - at));
+    }
+    let fd = target.file.as_raw_fd();
+    for (start, len) in gaps {
+        if target.block {
+            let range: [u64; 2] = [start, len];
+            // SAFETY: BLKDISCARD reads two u64s (start, length) through the pointer.
+            let r = unsafe { libc::ioctl(fd, BLKDISCARD as _, &range) };
+            if r != 0 {
+                let e = std::io::Error::last_os_error();
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY) | Some(libc::EINVAL)
+                ) {
+                    return Ok(Some(format!(
+                        "{} does not support discard: the bytes outside the image's data ranges keep their old contents",
+                        target.path.display()
+                    )));
+                }
+                return Err(e).ctx(|| {
+                    format!(
+                        "discarding bytes {start}..{} of {}",
+                        start + len,
+                        target.path.display()
+                    )
+                });
+            }
+        } else {
+            // SAFETY: fallocate takes the descriptor, flags and a byte range.
+            let r = unsafe {
+                libc::fallocate(
+                    fd,
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    start as libc::off_t,
+                    len as libc::off_t,
+                )
+            };
+            if r != 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+                    return Err(e).ctx(|| {
+                        format!(
+                            "punching a hole at bytes {start}..{} of {}",
+                            start + len,
+                            target.path.display()
+                        )
+                    });
+                }
+                write_zeros(&target.file, start, len).ctx(|| {
+                    format!(
+                        "zeroing bytes {start}..{} of {}",
+                        start + len,
+                        target.path.display()
+                    )
+                })?;
+            }
+        }
+    }
+    Ok(None)
+}
+
+const BLKDISCARD: libc::c_ulong = 0x1277;
+
+fn write_zeros(file: &File, start: u64, len: u64) -> std::io::Result<()> {
+    let zeros = vec![0u8; BUFFER];
+    let mut done = 0u64;
+    while done < len {
+        let k = (len - done).min(BUFFER as u64) as usize;
+        file.write_all_at(&zeros[..k], start + done)?;
+        done += k as u64;
+    }
+    Ok(())
+}
+
+/// Reads until `buf` is full or the stream ends.
+fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// The first range's head, written last.
+struct HeldBack {
+    start: u64,
+    len: u64,
+    bytes: Vec<u8>,
+}
+
+/// Decompresses the image and writes its data ranges; returns the bytes
+/// written. Every range's BLAKE3, the zeros between them and, at the end,
+/// the compressed stream's size and BLAKE3 must match the signed manifest.
+pub(super) fn write_image(
+    source: &mut dyn ImageSource,
+    m: &ImageManifest,
+    target: &Target,
+    events: &mut dyn FnMut(&Event),
+    abort: &AtomicBool,
+) -> Result<u64> {
+    let what = source.describe();
+    let r = source.open().ctx(|| format!("opening {what}"))?;
+    let mut decoder = zstd::stream::read::Decoder::with_buffer(BufReader::with_capacity(
+        1 << 20,
+        HashReader::new(r),
+    ))
+    .ctx(|| format!("starting to decompress {what}"))?;
+    let head = m.ranges.first().map(|r| HeldBack {
+        start: r.offset,
+        len: r.length.min(HELD_BACK),
+        bytes: Vec::with_capacity(r.length.min(HELD_BACK) as usize),
+    });
+    let (full_tx, full_rx) = sync_channel::<(Vec<u8>, usize)>(BUFFERS - 1);
+    let (free_tx, free_rx) = channel::<Vec<u8>>();
+    for _ in 0..BUFFERS {
+        let _ = free_tx.send(vec![0u8; BUFFER]);
+    }
+    let file = &target.file;
+    let path = &target.path;
+    let mut throttle = Throttle::new(Phase::Deploy, m.disk_size);
+    let (written, head, read_err) = std::thread::scope(|s| {
+        let writer = s.spawn(move || -> Result<(u64, Option<HeldBack>)> {
+            let mut walker = RangeWalker::new(&m.ranges);
+            let mut head = head;
+            let mut written = 0u64;
+            for (buf, len) in full_rx {
+                walker.feed(&buf[..len], &mut |piece| match piece {
+                    Piece::Data { offset, bytes } => {
+                        let mut bytes = bytes;
+                        let mut offset = offset;
+                        if let Some(h) = head.as_mut() {
+                            let held_end = h.start + h.len;
+                            if offset < held_end {
+                                let k = ((held_end - offset) as usize).min(bytes.len());
+                                h.bytes.extend_from_slice(&bytes[..k]);
+                                bytes = &bytes[k..];
+                                offset += k as u64;
+                            }
+                        }
+                        if !bytes.is_empty() {
+                            file.write_all_at(bytes, offset).ctx(|| {
+                                format!(
+                                    "writing bytes {offset}..{} of {}",
+                                    offset + bytes.len() as u64,
+                                    path.display()
+                                )
+                            })?;
+                            written += bytes.len() as u64;
+                        }
+                        Ok(())
+                    }
+                    Piece::RangeDone(Ok(())) => Ok(()),
+                    Piece::RangeDone(Err(mismatch)) => {
+                        Err(Error::Failed(mismatch.describe("signed ")))
+                    }
+                })?;
+                if let Some(z) = walker.first_nonzero() {
+                    return Err(Error::Failed(format!(
+                        "byte {z} of the image is outside every data range of the signed manifest but is not zero"
+                    )));
+                }
+                // The reader may have stopped already; a buffer it no longer wants is dropped.
+                let _ = free_tx.send(buf);
+            }
+            let problems = walker.finish(m.disk_size);
+            if !problems.is_empty() {
+                return Err(Error::Failed(format!(
+                    "the image does not match the signed manifest: {}",
+                    problems.join("; ")
+                )));
+            }
+            Ok((written, head))
+        });
+        let mut pos = 0u64;
+        let mut read_err = None;
+        loop {
+            if let Err(e) = check_abort(abort) {
+                read_err = Some(e);
+                break;
+            }
+            let Ok(mut buf) = free_rx.recv() else { break };
+            let n = match read_full(&mut decoder, &mut buf) {
+                Ok(n) => n,
+                Err(e) => {
+                    read_err = Some(Error::Failed(format!(
+                        "decompressing {what} after disk byte {pos}: {e}"
+                    )));
+                    break;
+                }
+            };
+            if n == 0 {
+                break;
+            }
+            if pos + n as u64 > m.disk_size {
+                read_err = Some(Error::Failed(format!(
+                    "{what} decompresses to more than the {} bytes the signed manifest says",
+                    m.disk_size
+                )));
+                break;
+            }
+            pos += n as u64;
+            if full_tx.send((buf, n)).is_err() {
+                break;
+            }
+            throttle.update(pos, events);
+        }
+        drop(full_tx);
+        let w = writer
+            .join()
+            .unwrap_or_else(|_| Err(Error::Failed("the writer thread panicked".into())));
+        match w {
+            Ok((written, head)) => (written, head, read_err),
+            Err(e) => (0, None, Some(e)),
+        }
+    });
+    if let Some(e) = read_err {
+        return Err(e);
+    }
+    // The stream must still be the one checked before the write began.
+    let mut rest = decoder.finish().into_inner();
+    std::io::copy(&mut rest, &mut std::io::sink()).ctx(|| format!("reading {what}"))?;
+    let got = rest.digest();
+    if got.size != m.image_size || got.blake3 != m.image_blake3 {
+        return Err(Error::Failed(format!(
+            "{what} changed while it was written: it now has {} bytes and BLAKE3 {}, the signed manifest says {} bytes and {}",
+            got.size, got.blake3, m.image_size, m.image_blake3
+        )));
+    }
+    let mut written = written;
+    if let Some(h) = head {
+        file.write_all_at(&h.bytes, h.start).ctx(|| {
+            format!(
+                "writing the partition table area (bytes {}..{}) of {}",
+                h.start,
+                h.start + h.bytes.len() as u64,
+                path.display()
+            )
+        })?;
+        written += h.bytes.len() as u64;
+    }
+    Ok(written)
+}
