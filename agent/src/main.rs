@@ -82,6 +82,38 @@ enum Cmd {
         #[arg(long, default_value = "64MiB", value_parser = parse_size)]
         chunk_size: u64,
     },
+    /// Write a signed image onto a disk, checking it range by range, and grow it to fill the disk.
+    ///
+    /// The manifest's signature is checked against the allowed signers, and
+    /// the whole image against the signed manifest, before anything is
+    /// written; any failure after that leaves the disk's partition table
+    /// wiped. Exit status: 0 deployed, 1 failed, 2 refused before writing.
+    Deploy {
+        /// A published image directory (DIR/image.raw.zst, DIR/manifest.toml,
+        /// DIR/manifest.toml.sig), or an IMAGE.raw.zst file (with
+        /// IMAGE.manifest.toml and IMAGE.manifest.toml.sig beside it, as
+        /// `kiln-agent capture` names them).
+        #[arg(long)]
+        image: PathBuf,
+        /// The disk to write: a block device or a disk image file at least as large as the image's disk.
+        #[arg(long)]
+        disk: PathBuf,
+        /// An allowed-signers file (`kiln-master signer` prints its line).
+        #[arg(long)]
+        signers: Option<PathBuf>,
+        /// The agent config whose image_signers are used when --signers is absent.
+        #[arg(long, default_value = "/etc/kiln/agent.toml")]
+        config: PathBuf,
+        /// The manifest (overrides the one found from --image).
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+        /// The manifest's signature (default: the manifest's path with .sig appended).
+        #[arg(long)]
+        signature: Option<PathBuf>,
+        /// Leave the partitions as they are on a disk larger than the image.
+        #[arg(long)]
+        no_grow: bool,
+    },
     /// Check an image (IMAGE.raw.zst, or a raw disk) against its manifest.
     Verify {
         image: PathBuf,
@@ -145,6 +177,26 @@ fn main() -> ExitCode {
         ),
         Cmd::Run { .. } => unreachable!("handled above"),
         Cmd::Capture { disk, out, level } => run_capture(&disk, &out, level, &mut events, &abort),
+        Cmd::Deploy {
+            image,
+            disk,
+            signers,
+            config,
+            manifest,
+            signature,
+            no_grow,
+        } => {
+            let paths = DeployPaths::find(&image, manifest, signature);
+            run_deploy(
+                &paths,
+                &disk,
+                signers.as_deref(),
+                &config,
+                !no_grow,
+                &mut events,
+                &abort,
+            )
+        }
         Cmd::Verify { image, manifest } => {
             let mpath = manifest.unwrap_or_else(|| manifest_path_for(&image));
             kiln_agent::verify::load_manifest(&mpath)
@@ -308,6 +360,112 @@ fn run_capture(
         m.bytes_read,
         m.disk_size,
         mpath.display()
+    );
+    Ok(())
+}
+
+/// The files `kiln-agent deploy --image` names.
+struct DeployPaths {
+    image: PathBuf,
+    manifest: PathBuf,
+    signature: PathBuf,
+}
+
+impl DeployPaths {
+    fn find(image: &Path, manifest: Option<PathBuf>, signature: Option<PathBuf>) -> DeployPaths {
+        use kiln_spool::upload::{IMAGE_FILE, MANIFEST};
+        let (image, found) = if image.is_dir() {
+            (image.join(IMAGE_FILE), image.join(MANIFEST))
+        } else {
+            (image.to_path_buf(), manifest_path_for(image))
+        };
+        let manifest = manifest.unwrap_or(found);
+        let signature = signature.unwrap_or_else(|| {
+            let mut s = manifest.clone().into_os_string();
+            s.push(".sig");
+            PathBuf::from(s)
+        });
+        DeployPaths {
+            image,
+            manifest,
+            signature,
+        }
+    }
+}
+
+/// The allowed image signers: --signers, else the config's image_signers.
+fn deploy_signers(
+    signers: Option<&Path>,
+    config: &Path,
+) -> Result<kiln_spool::signature::AllowedSigners, Error> {
+    use kiln_spool::signature::AllowedSigners;
+    const HOW: &str = "run `kiln-master signer` on the master and put the line it prints in a file for --signers, or in image_signers of the agent config";
+    let allowed = match signers {
+        Some(path) => AllowedSigners::load(path).map_err(|e| Error::Input(e.to_string()))?,
+        None if config.exists() => {
+            let cfg = kiln_spool::agent_config::load_agent_config(config)
+                .map_err(|e| Error::Input(e.to_string()))?;
+            AllowedSigners::parse(&cfg.image_signers.join("\n"))
+                .map_err(|e| Error::Input(format!("{}: image_signers: {e}", config.display())))?
+        }
+        None => {
+            return Err(Error::Input(format!(
+                "no allowed image signer: there is no --signers and no {}; {HOW}",
+                config.display()
+            )))
+        }
+    };
+    if allowed.is_empty() {
+        let from = signers.unwrap_or(config);
+        return Err(Error::Input(format!(
+            "no allowed image signer in {}; {HOW}",
+            from.display()
+        )));
+    }
+    Ok(allowed)
+}
+
+fn run_deploy(
+    paths: &DeployPaths,
+    disk: &Path,
+    signers: Option<&Path>,
+    config: &Path,
+    grow: bool,
+    events: &mut dyn FnMut(&kiln_agent::Event),
+    abort: &AtomicBool,
+) -> Result<(), Error> {
+    use kiln_agent::deploy::{deploy, load_signed, DeployOptions, FileSource, Grown};
+    let signers = deploy_signers(signers, config)?;
+    let signed = load_signed(&paths.manifest, &paths.signature, &signers)?;
+    eprintln!(
+        "kiln-agent: {} is signed by {}",
+        paths.manifest.display(),
+        signed.signer
+    );
+    let t = std::time::Instant::now();
+    let r = deploy(
+        &signed,
+        &mut FileSource(paths.image.clone()),
+        disk,
+        &DeployOptions { grow },
+        events,
+        abort,
+    )?;
+    let m = &signed.manifest;
+    let grown = match &r.grow {
+        Some(Grown::Partition { number, .. }) => {
+            format!(", partition {number} grown to fill {} bytes", r.disk_size)
+        }
+        Some(Grown::Nothing(why)) => format!(", not grown: {why}"),
+        None => String::new(),
+    };
+    println!(
+        "{}: {} bytes written in {} data ranges, read back and matching {}{grown}, in {:.2}s",
+        disk.display(),
+        r.bytes_written,
+        m.ranges.len(),
+        paths.manifest.display(),
+        t.elapsed().as_secs_f64()
     );
     Ok(())
 }
