@@ -184,10 +184,11 @@ impl Bmap {
                     })?;
                     Ok(())
                 })?;
-            w.write_event(Event::Text(BytesText::new("\n")))
+            Ok(())
         })();
         written.expect("writing XML into memory cannot fail");
         let mut xml = w.into_inner();
+        xml.push(b'\n');
         let field = format!("<BmapFileChecksum>{zeros}</BmapFileChecksum>");
         let at = find(&xml, field.as_bytes()).expect("the checksum field was just written")
             + "<BmapFileChecksum>".len();
@@ -241,6 +242,19 @@ fn split<'b>(
     Ok(())
 }
 
+/// A write to the copy failed: the reader that copies says so through the
+/// decompressor as this error, so it is not taken for a bad image.
+#[derive(Debug)]
+struct CopyFailed(String);
+
+impl std::fmt::Display for CopyFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for CopyFailed {}
+
 /// Copies what is read through it into `copy`, if there is one.
 struct Tee<R> {
     inner: R,
@@ -253,7 +267,10 @@ impl<R: Read> Read for Tee<R> {
         let n = self.inner.read(buf)?;
         if let Some(copy) = &mut self.copy {
             copy.write_all(&buf[..n]).map_err(|e| {
-                io::Error::new(e.kind(), format!("writing {}: {e}", self.path.display()))
+                io::Error::new(
+                    e.kind(),
+                    CopyFailed(format!("writing {}: {e}", self.path.display())),
+                )
             })?;
         }
         Ok(n)
@@ -449,7 +466,7 @@ fn stream(image: &Image, spans: &[Span], copy_path: &Path, sinks: Sinks) -> Resu
         })
         .collect();
     let mut sums = Vec::with_capacity(spans.len());
-    {
+    let pass = (|| -> Result<()> {
         let mut raw = zstd::stream::read::Decoder::new(&mut hr)
             .with_context(|| format!("starting zstd on {shown}"))?;
         let mut buf = vec![0u8; BUFFER];
@@ -461,7 +478,13 @@ fn stream(image: &Image, spans: &[Span], copy_path: &Path, sinks: Sinks) -> Resu
             let n = match raw.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => n,
-                Err(e) => bail!("{shown} does not decompress after byte {pos} of the disk: {e}"),
+                Err(e) if e.get_ref().is_some_and(|r| r.is::<CopyFailed>()) => {
+                    let copy = e.into_inner().and_then(|b| b.downcast::<CopyFailed>().ok());
+                    return Err(anyhow::Error::new(*copy.expect("checked above")));
+                }
+                Err(e) => bail!(
+                    "{shown} does not decompress after byte {pos} of the disk: {e}; nothing was exported"
+                ),
             };
             ensure!(
                 pos + n as u64 <= m.disk_size,
@@ -531,8 +554,14 @@ fn stream(image: &Image, spans: &[Span], copy_path: &Path, sinks: Sinks) -> Resu
             "{shown} decompresses to {pos} bytes, {MANIFEST} says the disk has {}",
             m.disk_size
         );
+        Ok(())
+    })();
+    if pass.as_ref().is_err_and(|e| e.is::<CopyFailed>()) {
+        return pass.map(|()| sums);
     }
-    // zstd may stop before the file's end; what follows still counts.
+    // zstd may stop before the file's end; what follows still counts. A
+    // file that is not the one published is named as that, whatever else
+    // went wrong reading it.
     io::copy(&mut hr, &mut io::sink()).with_context(|| format!("reading {shown}"))?;
     let got = hr.digest();
     ensure!(
@@ -544,7 +573,7 @@ fn stream(image: &Image, spans: &[Span], copy_path: &Path, sinks: Sinks) -> Resu
         m.image_size,
         m.image_blake3
     );
-    Ok(sums)
+    pass.map(|()| sums)
 }
 
 /// `program`'s path in `$PATH`.
