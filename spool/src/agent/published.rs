@@ -195,3 +195,112 @@ fn held(fs: &dyn SpoolFs, lease: &Lease) -> Result<(), UploadError> {
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::agent::claim::claim_next;
+    use crate::master;
+    use crate::spool::{lease_path, LocalSpool};
+    use crate::time::Timestamp;
+
+    const T0: Timestamp = Timestamp(1_900_000_000);
+
+    fn spool() -> (tempfile::TempDir, LocalSpool) {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = LocalSpool::new(dir.path().join("spool"));
+        std::fs::create_dir(fs.root()).unwrap();
+        master::init(&fs).unwrap();
+        (dir, fs)
+    }
+
+    #[test]
+    fn a_published_image_is_read_with_its_caps() {
+        let (_d, fs) = spool();
+        let e = fetch_published(&fs, "web").unwrap_err();
+        assert!(
+            matches!(&e, PublishedError::Missing { path, .. } if path == "images/web/manifest.toml"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("no image \"web\""), "{e}");
+        let e = fetch_published(&fs, "../jobs").unwrap_err();
+        assert!(matches!(e, PublishedError::Bad { .. }), "{e}");
+
+        fs.mkdir_all("images/web").unwrap();
+        fs.write_atomic("images/web/manifest.toml", b"format = \"raw.zst\"\n")
+            .unwrap();
+        let e = fetch_published(&fs, "web").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "images/web/manifest.toml.sig is not on the job server: no image \"web\" is published there"
+        );
+        let big = vec![b'x'; MAX_SIGNATURE as usize + 1];
+        fs.write_atomic("images/web/manifest.toml.sig", &big)
+            .unwrap();
+        let e = fetch_published(&fs, "web").unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("images/web/manifest.toml.sig: is 16385 bytes"),
+            "{e}"
+        );
+        fs.write_atomic("images/web/manifest.toml.sig", b"\xff\xfe")
+            .unwrap();
+        let e = fetch_published(&fs, "web").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "images/web/manifest.toml.sig: is not UTF-8 text"
+        );
+        fs.write_atomic(
+            "images/web/manifest.toml.sig",
+            b"-----BEGIN SSH SIGNATURE-----\n",
+        )
+        .unwrap();
+        let p = fetch_published(&fs, "web").unwrap();
+        assert_eq!(p.manifest, b"format = \"raw.zst\"\n");
+        assert_eq!(p.signature, "-----BEGIN SSH SIGNATURE-----\n");
+        assert_eq!(image_file_path("web"), "images/web/image.raw.zst");
+    }
+
+    fn report(job: &str) -> DeployReport {
+        DeployReport {
+            job: job.into(),
+            image: "web".into(),
+            manifest_blake3: "a".repeat(64),
+            image_blake3: "b".repeat(64),
+            agent: "agent-1".into(),
+            disk: "/dev/vda".into(),
+            disk_size: 1 << 30,
+            grown: true,
+            bytes_written: 1 << 20,
+            started: T0,
+            finished: T0,
+            phases: Vec::new(),
+            hardware: Default::default(),
+        }
+    }
+
+    #[test]
+    fn the_deploy_report_goes_into_the_upload_directory_while_the_lease_is_held() {
+        let (_d, fs) = spool();
+        let job = "id = \"j1\"\n[disk]\n[[disk.partitions]]\nlabel = \"root\"\nsize = \"rest\"\nkind = \"linux\"\nfs = \"ext4\"\nmount = \"/\"\n";
+        master::add_job(&fs, job, Path::new("j1.toml"), T0).unwrap();
+        let lease = claim_next(&fs, "agent-1", T0).unwrap().unwrap();
+        let path = write_deploy_report(&fs, &lease, &report("j1"), Some(b"log\n")).unwrap();
+        let dir = incoming_dir("j1", &lease.token);
+        assert_eq!(path, format!("{dir}/{DEPLOYED}"));
+        let back = fs.read(&path).unwrap();
+        assert_eq!(
+            DeployReport::parse(std::str::from_utf8(&back).unwrap()).unwrap(),
+            report("j1")
+        );
+        assert_eq!(fs.read(&format!("{dir}/{JOB_LOG}")).unwrap(), b"log\n");
+
+        fs.remove(&lease_path("j1")).unwrap();
+        fs.remove(&path).unwrap();
+        let e = write_deploy_report(&fs, &lease, &report("j1"), None).unwrap_err();
+        assert!(e.is_lease_lost(), "{e}");
+        assert!(!fs.exists(&path).unwrap());
+    }
+}
