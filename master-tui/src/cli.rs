@@ -62,11 +62,29 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Show one job: its state, lease, status and spec.
+    /// Show one job: its state, lease, status and spec; for a published
+    /// image its provenance, signature and deployments; for a deploy job
+    /// what it wrote where.
     Show {
         id: String,
         #[arg(long)]
         json: bool,
+    },
+    /// Print the allowed-signers line of the master's image signing key, for
+    /// `ssh-keygen -Y verify -f` and the agents' `image_signers`.
+    Signer {
+        /// The principal the line names (`ssh-keygen -Y verify -I`).
+        #[arg(long, value_name = "NAME", default_value = kiln_spool::signature::DEFAULT_PRINCIPAL)]
+        principal: String,
+    },
+    /// Check a published image: the signature over its manifest, the
+    /// manifest, and the image file's size and BLAKE3.
+    Verify {
+        id: String,
+        /// An allowed-signers file to check the signature with (default:
+        /// the master's own key).
+        #[arg(long, value_name = "FILE")]
+        signers: Option<PathBuf>,
     },
     /// Set a job's priority (0 to 1000, higher is taken first).
     Priority { id: String, priority: u32 },
@@ -265,6 +283,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let spool = open_spool(&cli.spool)?;
             let view = master::job_view(&spool, &id, now)?;
             let spec = master::read_job_spec(&spool, &id).ok();
+            let image = crate::show::image(&spool, &id)?;
+            let deployment = crate::show::deployment(&spool, &id)?;
             if json {
                 let value = serde_json::json!({
                     "job": view,
@@ -273,6 +293,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
                         "deadline": l.deadline.to_string(), "attempt": l.attempt,
                     })),
                     "spec": spec.as_ref().map(|(text, _)| text),
+                    "image": image.as_ref().map(|i| i.json()),
+                    "deployment": deployment,
                 });
                 println!("{}", json_text(&value)?);
             } else {
@@ -280,7 +302,21 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     "{}",
                     format_show(&view, spec.as_ref().map(|(t, _)| t.as_str()))
                 );
+                if let Some(i) = &image {
+                    print!("{}", i.text());
+                }
+                if let Some(d) = &deployment {
+                    print!("{}", crate::provenance::format_deployment(d));
+                }
             }
+        }
+        Command::Signer { principal } => {
+            let spool = open_spool(&cli.spool)?;
+            println!("{}", crate::show::signer_line(&spool, &principal)?);
+        }
+        Command::Verify { id, signers } => {
+            let spool = open_spool(&cli.spool)?;
+            crate::show::verify(&spool, &id, signers.as_deref())?;
         }
         Command::Priority { id, priority } => {
             let spool = open_spool(&cli.spool)?;

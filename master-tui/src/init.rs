@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
-use kiln_spool::spool::{Access, JOB_LIST, LAYOUT, TMP_PREFIX};
+use kiln_spool::spool::{Access, JOB_LIST, LAYOUT, SIGNING_KEY, TMP_PREFIX};
 use kiln_spool::LocalSpool;
 use nix::unistd::{Gid, Group, Uid, User};
 
@@ -91,6 +91,7 @@ fn init_one_identity(spool: &Path, out: &mut dyn Write) -> Result<()> {
         .with_context(|| format!("locking {}", spool.display()))?;
     kiln_spool::master::init(&local)?;
     writeln!(out, "spool ready at {}", spool.display())?;
+    signing_key(&local, out)?;
     writeln!(
         out,
         "one identity: whoever can write the spool can write all of it. For agents \
@@ -159,6 +160,8 @@ fn init_two_identities(
             .with_context(|| format!("locking {}", layout.spool.display()))?;
         kiln_spool::master::init(&local)?;
     }
+    // Made before the repair below, which gives it to the master's account.
+    signing_key(&local, out)?;
     repair_master_files(&layout.spool, &master, &mut changes)?;
 
     for line in &changes.0 {
@@ -186,6 +189,20 @@ fn init_two_identities(
         "next: kiln-master --spool {} agent-key --out /etc/kiln/agent-key --agent-user {}",
         layout.spool.display(),
         agents.name
+    )?;
+    Ok(())
+}
+
+/// Makes the image signing key if the spool has none, and says which key
+/// signs and where agents and `ssh-keygen` get its line.
+fn signing_key(spool: &LocalSpool, out: &mut dyn Write) -> Result<()> {
+    let (key, created) = kiln_spool::master::signing::load_or_create_key(spool)?;
+    writeln!(
+        out,
+        "{} image signing key {SIGNING_KEY} ({}); `kiln-master signer` prints the \
+         line for ssh-keygen -Y verify and the agents' image_signers",
+        if created { "made the" } else { "kept the" },
+        key.fingerprint()
     )?;
     Ok(())
 }

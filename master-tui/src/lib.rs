@@ -6,4 +6,6 @@ pub mod cli;
 pub mod command;
 pub mod export;
 pub mod init;
+pub mod provenance;
+pub mod show;
 pub mod tui;

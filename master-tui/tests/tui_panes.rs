@@ -178,3 +178,27 @@ fn ticks_count_the_lease_down() {
     assert!(effects.is_empty());
     assert!(screen(&app, 160, 48).contains("-15s"));
 }
+
+#[test]
+fn provenance_pane_flags_a_manifest_changed_after_signing() {
+    let dir = tempfile::tempdir().unwrap();
+    tui_fixture::build(dir.path());
+    let manifest = dir.path().join("images/done-06/manifest.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    assert!(text.contains("OptiPlex 7090"));
+    std::fs::write(&manifest, text.replace("OptiPlex 7090", "OptiPlex 7091")).unwrap();
+    let mut app = tui_fixture::console(dir.path());
+    app.focus = Pane::Images;
+    let shown = screen(&app, 160, 48);
+    for want in [
+        "provenance of done-06",
+        "signer   ✗ does not verify SHA256:QgLCf0YaxmnCxz2e6Gac",
+        "Dell Inc. OptiPlex 7091",
+        "Intel(R) Core(TM) i7-10700 CPU @ 2.90GHz × 16",
+        "eno1 d8:9e:f3:1a:2b:3c",
+        "capture          140.0s",
+    ] {
+        assert!(shown.contains(want), "{want:?} missing:\n{shown}");
+    }
+    insta::assert_snapshot!("provenance_tampered_160x48", shown);
+}

@@ -5,7 +5,8 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
 
-use kiln_spool::manifest::ImageManifest;
+use kiln_spool::manifest::{ImageManifest, PhaseTime, Provenance};
+use kiln_spool::master::provenance::{master_signers, read_image, SignatureCheck};
 use kiln_spool::master::{job_views, read_job_spec, JobState, JobView};
 use kiln_spool::printable::printable_log_line;
 use kiln_spool::spool::{image_dir, log_path, status_path, IMAGES, STATUS};
@@ -67,6 +68,11 @@ pub struct ImageRow {
     /// Bytes of the disk that held data (from the manifest's block map).
     pub data_bytes: Option<u64>,
     pub image_blake3: String,
+    /// How the image was made, from its signed manifest.
+    pub provenance: Option<Provenance>,
+    pub phases: Vec<PhaseTime>,
+    /// The manifest's signature checked against the master's key.
+    pub signature: SignatureCheck,
 }
 
 impl ImageRow {
@@ -175,6 +181,7 @@ fn read_images(spool: &LocalSpool) -> Vec<ImageRow> {
         tracing::warn!("listing {IMAGES}/: {e}");
         vec![]
     });
+    let signers = master_signers(spool).map_err(|e| e.to_string());
     let mut rows: Vec<ImageRow> = names
         .iter()
         .filter_map(|id| {
@@ -184,12 +191,21 @@ fn read_images(spool: &LocalSpool) -> Vec<ImageRow> {
             let p = Published::parse(&String::from_utf8_lossy(&bytes))
                 .map_err(|e| tracing::warn!("skipping {path}: {e}"))
                 .ok()?;
-            let data_bytes = spool
+            let manifest = spool
                 .read_opt(&format!("{dir}/{MANIFEST}"))
                 .ok()
                 .flatten()
-                .and_then(|b| ImageManifest::parse(&String::from_utf8_lossy(&b)).ok())
-                .map(|m| m.data_bytes());
+                .and_then(|b| ImageManifest::parse(&String::from_utf8_lossy(&b)).ok());
+            let data_bytes = manifest.as_ref().map(|m| m.data_bytes());
+            let (provenance, phases) = manifest
+                .map(|m| (m.provenance, m.phases))
+                .unwrap_or_default();
+            let signature = match (&signers, read_image(spool, id)) {
+                (Ok(s), Ok(Some(record))) => record.check_signature(s),
+                (Err(why), _) => SignatureCheck::Invalid(format!("cannot be checked: {why}")),
+                (_, Ok(None)) => SignatureCheck::Missing,
+                (_, Err(e)) => SignatureCheck::Invalid(e.to_string()),
+            };
             Some(ImageRow {
                 job: p.job,
                 agent: p.agent,
@@ -198,6 +214,9 @@ fn read_images(spool: &LocalSpool) -> Vec<ImageRow> {
                 disk_size: p.disk_size,
                 data_bytes,
                 image_blake3: p.image_blake3,
+                provenance,
+                phases,
+                signature,
             })
         })
         .collect();

@@ -8,15 +8,26 @@ use std::path::Path;
 use kiln_master::tui::{settle, App, Effect};
 use kiln_spool::agent::claim::{claim_next, heartbeat};
 use kiln_spool::lease::Lease;
-use kiln_spool::manifest::{DataRange, ImageManifest};
+use kiln_spool::manifest::{DataRange, Hardware, ImageManifest, Nic, PhaseTime, Provenance};
 use kiln_spool::master::reap;
 use kiln_spool::master::{add_job, cancel, init};
 use kiln_spool::queue::read_job_list;
-use kiln_spool::spool::{incoming_dir, job_path, log_path, payload_path};
+use kiln_spool::spool::{incoming_dir, job_path, log_path, payload_path, SIGNING_KEY};
 use kiln_spool::status::{AgentState, Phase, Status};
 use kiln_spool::time::Timestamp;
 use kiln_spool::upload::{chunk_name, Chunk, ChunkList, CHUNKS, JOB_LOG, MANIFEST};
 use kiln_spool::{LocalSpool, SpoolFs};
+
+/// The master's image signing key, fixed so that fingerprints render the
+/// same every run: SHA256:QgLCf0YaxmnCxz2e6GaclfOVDJA1YhlEqMVcGQxKuVs.
+pub const SIGNING_KEY_TEXT: &str = "-----BEGIN OPENSSH PRIVATE KEY-----
+b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW
+QyNTUxOQAAACCeBxhRWySM3BWIqkO18POwEuzn3CMmnc9d51e4J5NcUQAAAJCcL78UnC+/
+FAAAAAtzc2gtZWQyNTUxOQAAACCeBxhRWySM3BWIqkO18POwEuzn3CMmnc9d51e4J5NcUQ
+AAAEBoNHviWhlsawH0q+BPOzcADw1QtVTWhzv7rDRiGtqgE54HGFFbJIzcFYiqQ7Xw87AS
+7OfcIyadz13nV7gnk1xRAAAAC2tpbG4tbWFzdGVyAQI=
+-----END OPENSSH PRIVATE KEY-----
+";
 
 /// 2027-01-15T08:00:00Z.
 pub const T0: u64 = 1_800_000_000;
@@ -184,7 +195,19 @@ fn upload(spool: &LocalSpool, lease: &Lease) {
         payloads: vec![],
         started: lease.acquired,
         finished: at(380),
-        phases: vec![],
+        phases: ["partition", "payloads", "steps", "capture"]
+            .iter()
+            .zip([4.0, 61.5, 12.25, 140.0])
+            .scan(lease.acquired.0, |t, (name, seconds)| {
+                let started = *t;
+                *t += seconds as u64;
+                Some(PhaseTime {
+                    name: name.to_string(),
+                    seconds,
+                    started: Some(Timestamp(started)),
+                })
+            })
+            .collect(),
         ranges: vec![
             DataRange {
                 offset: 0,
@@ -198,7 +221,23 @@ fn upload(spool: &LocalSpool, lease: &Lease) {
             },
         ],
         generalized: Vec::new(),
-        provenance: None,
+        provenance: Some(Provenance {
+            kiln_version: "0.4.0".into(),
+            hardware: Hardware {
+                vendor: "Dell Inc.".into(),
+                product: "OptiPlex 7090".into(),
+                cpu_model: "Intel(R) Core(TM) i7-10700 CPU @ 2.90GHz".into(),
+                cpus: 16,
+                memory_bytes: 32 << 30,
+                disk_model: "Samsung SSD 980 1TB".into(),
+                disk_size: 1_000_204_886_016,
+                nics: vec![Nic {
+                    name: "eno1".into(),
+                    mac: "d8:9e:f3:1a:2b:3c".into(),
+                }],
+            },
+            ..Provenance::default()
+        }),
     };
     spool
         .write_atomic(&format!("{dir}/{MANIFEST}"), manifest.to_toml().as_bytes())
@@ -221,6 +260,9 @@ fn upload(spool: &LocalSpool, lease: &Lease) {
 pub fn build(root: &Path) -> LocalSpool {
     let spool = LocalSpool::new(root);
     init(&spool).unwrap();
+    assert!(spool
+        .create_private(SIGNING_KEY, SIGNING_KEY_TEXT.as_bytes())
+        .unwrap());
     spool
         .write_atomic(&payload_path("base.tar"), b"a base system archive")
         .unwrap();
