@@ -25,7 +25,8 @@ use crate::verify::{Piece, RangeWalker};
 const BUFFER: usize = 4 << 20;
 /// Buffers in flight: one being filled, the others queued or being written.
 const BUFFERS: usize = 4;
-/// The head of the first range held back until everything matched.
+/// The head of the first range, and the data in the last MiB of the
+/// image's disk (the backup GPT), are held back until everything matched.
 pub const HELD_BACK: u64 = 1 << 20;
 
 /// Streams the compressed image once through BLAKE3 and compares its size
@@ -175,11 +176,60 @@ fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(n)
 }
 
-/// The first range's head, written last.
+/// The bytes that make the disk look partitioned: the first range's head
+/// (the protective MBR and primary GPT) and whatever data lies in the last
+/// MiB of the image's disk (the backup GPT, which firmware may restore the
+/// primary from). They are kept in memory and written last, tail first.
 struct HeldBack {
-    start: u64,
-    len: u64,
-    bytes: Vec<u8>,
+    /// Byte windows of the disk that are held: head, then tail.
+    windows: [(u64, u64); 2],
+    /// Held pieces, in disk order: (offset, bytes).
+    pieces: Vec<(u64, Vec<u8>)>,
+}
+
+impl HeldBack {
+    fn new(m: &ImageManifest) -> HeldBack {
+        let head = m
+            .ranges
+            .first()
+            .map_or((0, 0), |r| (r.offset, r.offset + r.length.min(HELD_BACK)));
+        let tail_start = m.disk_size.saturating_sub(HELD_BACK).max(head.1);
+        HeldBack {
+            windows: [head, (tail_start, m.disk_size)],
+            pieces: Vec::new(),
+        }
+    }
+
+    /// Keeps the parts of `bytes` (at `offset`) that fall in a window;
+    /// returns the parts to write now.
+    fn take<'b>(&mut self, offset: u64, bytes: &'b [u8]) -> Vec<(u64, &'b [u8])> {
+        let end = offset + bytes.len() as u64;
+        let mut now = Vec::new();
+        let mut at = offset;
+        for (ws, we) in self.windows {
+            if we <= at || ws >= end || ws == we {
+                continue;
+            }
+            let (s, e) = (ws.max(at), we.min(end));
+            if s > at {
+                now.push((at, &bytes[(at - offset) as usize..(s - offset) as usize]));
+            }
+            self.pieces.push((
+                s,
+                bytes[(s - offset) as usize..(e - offset) as usize].to_vec(),
+            ));
+            at = e;
+        }
+        if at < end {
+            now.push((at, &bytes[(at - offset) as usize..]));
+        }
+        now
+    }
+
+    /// Bytes held in total.
+    fn len(&self) -> u64 {
+        self.pieces.iter().map(|(_, b)| b.len() as u64).sum()
+    }
 }
 
 /// Decompresses the image and writes its data ranges; returns the bytes
@@ -199,11 +249,7 @@ pub(super) fn write_image(
         HashReader::new(r),
     ))
     .ctx(|| format!("starting to decompress {what}"))?;
-    let head = m.ranges.first().map(|r| HeldBack {
-        start: r.offset,
-        len: r.length.min(HELD_BACK),
-        bytes: Vec::with_capacity(r.length.min(HELD_BACK) as usize),
-    });
+    let held = HeldBack::new(m);
     let (full_tx, full_rx) = sync_channel::<(Vec<u8>, usize)>(BUFFERS - 1);
     let (free_tx, free_rx) = channel::<Vec<u8>>();
     for _ in 0..BUFFERS {
@@ -212,26 +258,15 @@ pub(super) fn write_image(
     let file = &target.file;
     let path = &target.path;
     let mut throttle = Throttle::new(Phase::Deploy, m.disk_size);
-    let (written, head, read_err) = std::thread::scope(|s| {
+    let (written, held, read_err) = std::thread::scope(|s| {
         let writer = s.spawn(move || -> Result<(u64, Option<HeldBack>)> {
             let mut walker = RangeWalker::new(&m.ranges);
-            let mut head = head;
+            let mut held = held;
             let mut written = 0u64;
             for (buf, len) in full_rx {
                 walker.feed(&buf[..len], &mut |piece| match piece {
                     Piece::Data { offset, bytes } => {
-                        let mut bytes = bytes;
-                        let mut offset = offset;
-                        if let Some(h) = head.as_mut() {
-                            let held_end = h.start + h.len;
-                            if offset < held_end {
-                                let k = ((held_end - offset) as usize).min(bytes.len());
-                                h.bytes.extend_from_slice(&bytes[..k]);
-                                bytes = &bytes[k..];
-                                offset += k as u64;
-                            }
-                        }
-                        if !bytes.is_empty() {
+                        for (offset, bytes) in held.take(offset, bytes) {
                             file.write_all_at(bytes, offset).ctx(|| {
                                 format!(
                                     "writing bytes {offset}..{} of {}",
@@ -263,7 +298,7 @@ pub(super) fn write_image(
                     problems.join("; ")
                 )));
             }
-            Ok((written, head))
+            Ok((written, Some(held)))
         });
         let mut pos = 0u64;
         let mut read_err = None;
@@ -303,7 +338,7 @@ pub(super) fn write_image(
             .join()
             .unwrap_or_else(|_| Err(Error::Failed("the writer thread panicked".into())));
         match w {
-            Ok((written, head)) => (written, head, read_err),
+            Ok((written, held)) => (written, held, read_err),
             Err(e) => (0, None, Some(e)),
         }
     });
@@ -321,16 +356,62 @@ pub(super) fn write_image(
         )));
     }
     let mut written = written;
-    if let Some(h) = head {
-        file.write_all_at(&h.bytes, h.start).ctx(|| {
-            format!(
-                "writing the partition table area (bytes {}..{}) of {}",
-                h.start,
-                h.start + h.bytes.len() as u64,
-                path.display()
-            )
-        })?;
-        written += h.bytes.len() as u64;
+    if let Some(h) = held {
+        // Tail first: the primary table, written last, makes the disk bootable.
+        written += h.len();
+        for (offset, bytes) in h.pieces.iter().rev() {
+            file.write_all_at(bytes, *offset).ctx(|| {
+                format!(
+                    "writing the partition table area (bytes {offset}..{}) of {}",
+                    offset + bytes.len() as u64,
+                    path.display()
+                )
+            })?;
+        }
     }
     Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_spool::manifest::DataRange;
+    use kiln_spool::time::Timestamp;
+
+    #[test]
+    fn the_table_areas_are_held_and_the_rest_written_now() {
+        let range = |offset, length| DataRange {
+            offset,
+            length,
+            blake3: String::new(),
+        };
+        let m = ImageManifest {
+            format: "raw.zst".into(),
+            job: String::new(),
+            job_blake3: String::new(),
+            agent: String::new(),
+            disk_size: 8 << 20,
+            block_size: 4096,
+            bytes_read: 0,
+            image_size: 1,
+            image_blake3: String::new(),
+            payloads: vec![],
+            started: Timestamp(0),
+            finished: Timestamp(0),
+            phases: vec![],
+            ranges: vec![range(0, 2 << 20), range((8 << 20) - 8192, 8192)],
+            generalized: vec![],
+            provenance: None,
+        };
+        let mut held = HeldBack::new(&m);
+        let buf = vec![7u8; 4 << 20];
+        let now = held.take(0, &buf[..2 << 20]);
+        assert_eq!(now.len(), 1);
+        assert_eq!((now[0].0, now[0].1.len()), (1 << 20, 1 << 20));
+        let now = held.take((8 << 20) - 8192, &buf[..8192]);
+        assert!(now.is_empty());
+        let at: Vec<(u64, usize)> = held.pieces.iter().map(|(o, b)| (*o, b.len())).collect();
+        assert_eq!(at, [(0, 1 << 20), ((8 << 20) - 8192, 8192)]);
+        assert_eq!(held.len(), (1 << 20) + 8192);
+    }
 }
