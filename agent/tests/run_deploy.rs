@@ -462,3 +462,64 @@ fn an_agent_without_image_signers_refuses_deploy_jobs() {
     let m = read_manifest(&server.spool.path("images/img/manifest.toml"));
     ranges_match(&trusting.disk(), &m).unwrap();
 }
+
+/// The job server is hostile input too: a manifest published again (and
+/// signed) after the job pinned the first one, or an image file changed
+/// under its signed manifest, is refused before the disk is touched.
+#[test]
+fn a_changed_publication_is_refused_before_the_disk_is_touched() {
+    if !can_run("a_changed_publication_is_refused_before_the_disk_is_touched") {
+        return;
+    }
+    let server = Server::start();
+    let key = master::signing::load_or_create_key(&server.spool)
+        .unwrap()
+        .0;
+    publish_by_hand(&server, "img", &key);
+    let agent = Agent::new(
+        "target-1",
+        &server,
+        &[key.allowed_signers_line("kiln-master")],
+        128 * MIB,
+    );
+    let before = patterned(&agent);
+
+    // The job pins this publication; then the manifest changes, signed anew.
+    server.add(&deploy_job("pinned", "img", true, false));
+    let dir = server.spool.path("images/img");
+    let original = std::fs::read(dir.join("manifest.toml")).unwrap();
+    let mut changed = original.clone();
+    changed.extend_from_slice(b"# published again\n");
+    std::fs::write(dir.join("manifest.toml"), &changed).unwrap();
+    std::fs::write(dir.join("manifest.toml.sig"), key.sign(&changed).unwrap()).unwrap();
+    let (code, out) = agent.once();
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("deploy.manifest_blake3"), "{out}");
+    assert_eq!(disk_hash(&agent), before, "the disk was written");
+    let status = read_status(&server.spool, "pinned").unwrap().unwrap();
+    assert_eq!(status.state, AgentState::Failed, "{status:?}");
+    assert!(
+        status.message.contains("images/img/manifest.toml"),
+        "{status:?}"
+    );
+    server.reap_until("the pinned job to end", |s| {
+        job_view(s, "pinned", Timestamp::now()).unwrap().state != JobState::Queued
+    });
+
+    // The manifest as published, but one byte of the image flipped.
+    std::fs::write(dir.join("manifest.toml"), &original).unwrap();
+    std::fs::write(dir.join("manifest.toml.sig"), key.sign(&original).unwrap()).unwrap();
+    let image = dir.join("image.raw.zst");
+    let mut bytes = std::fs::read(&image).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&image, &bytes).unwrap();
+    server.add(&deploy_job("flipped", "img", true, false));
+    let (code, out) = agent.once();
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("image.raw.zst"), "{out}");
+    assert_eq!(disk_hash(&agent), before, "the disk was written");
+    let status = read_status(&server.spool, "flipped").unwrap().unwrap();
+    assert_eq!(status.state, AgentState::Failed, "{status:?}");
+    assert!(!server.upload_dir("flipped").join("deployed.toml").exists());
+}
