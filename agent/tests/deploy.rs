@@ -43,9 +43,14 @@ fn for_each_line(text: &str) -> String {
     s
 }
 
-/// Partitions a 40 MiB disk (ESP + ext4 root with files), captures it with
-/// `kiln-agent capture` and signs its manifest.
+/// Partitions a 40 MiB disk with a GPT (ESP + ext4 root with files),
+/// captures it with `kiln-agent capture` and signs its manifest.
 fn published(test: &str) -> Published {
+    published_with(test, "label: gpt\\n,8MiB,U\\n,,L\\n")
+}
+
+/// The same, partitioned by `sfdisk` from `script` (printf escapes).
+fn published_with(test: &str, script: &str) -> Published {
     assert!(can_run(test));
     for tool in ["resize2fs", "dumpe2fs"] {
         assert!(
@@ -62,9 +67,10 @@ fn published(test: &str) -> Published {
         .unwrap();
     ok(Command::new("sh")
         .arg("-c")
-        .arg("printf 'label: gpt\\n,8MiB,U\\n,,L\\n' | sfdisk -q \"$1\"")
+        .arg("printf \"$2\" | sfdisk -q \"$1\"")
         .arg("sh")
-        .arg(&disk));
+        .arg(&disk)
+        .arg(script));
     let table = sfdisk_json(&disk).unwrap();
     let parts = &table["partitiontable"]["partitions"];
     let start = |i: usize| parts[i]["start"].as_u64().unwrap() * 512;
@@ -289,6 +295,29 @@ fn a_signed_image_deploys_to_a_larger_loop_device_and_grows() {
     // loop device is detached, as a fresh one must not inherit them.
     let f = std::fs::File::open(&disk).unwrap();
     kiln_agent::disk::partition::drop_partitions(&f, &disk);
+}
+
+#[test]
+fn an_mbr_image_deploys_to_a_larger_disk_and_is_not_grown() {
+    let p = published_with(
+        "an_mbr_image_deploys_to_a_larger_disk_and_is_not_grown",
+        "label: dos\\n,8MiB,ef\\n,,L\\n",
+    );
+    let target = p.dir.join("target.img");
+    std::fs::File::create(&target)
+        .unwrap()
+        .set_len(TARGET_DISK)
+        .unwrap();
+    let out = deploy_cli(&p, &target, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("grow: the image has an MBR partition table: nothing is grown"),
+        "{stderr}"
+    );
+    assert_deployed_exactly(&p, &target);
+    let table = sfdisk_json(&target).unwrap();
+    assert_eq!(table["partitiontable"]["label"], "dos");
 }
 
 fn assert_refused_untouched(p: &Published, image: &Path, want: &str) {
