@@ -60,6 +60,17 @@ fn deploy_disk(opts: &RunOptions, job: &JobSpec) -> Result<PathBuf> {
     if device.is_empty() || device == "auto" || Path::new(device) == opts.disk {
         return Ok(opts.disk.clone());
     }
+    // The same disk by another name (`/dev/disk/by-id/...`).
+    let same = match (
+        std::fs::canonicalize(device),
+        std::fs::canonicalize(&opts.disk),
+    ) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if same {
+        return Ok(opts.disk.clone());
+    }
     bail!(
         "disk.device: the job names {device:?}, but this agent writes only its own disk {}",
         opts.disk.display()
@@ -252,4 +263,61 @@ fn check_image(held: &HeldJob, spec: &Deploy, signers: &AllowedSigners) -> Resul
         files.manifest_path, signed.signer, signed.manifest_blake3
     ));
     Ok(signed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_spool::agent_config::parse_agent_config;
+    use kiln_spool::parse_job;
+
+    const CONFIG: &str = "[[servers]]\naddress = \"10.0.2.2:2222\"\nkey = \"/etc/kiln/agent_key\"\n\
+                          host_key = \"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG host\"\nspool = \"/srv/kiln\"\n";
+
+    fn opts(disk: &Path, config: &str) -> RunOptions {
+        RunOptions {
+            config: parse_agent_config(config).unwrap(),
+            agent_id: "agent-1".into(),
+            disk: disk.to_path_buf(),
+            work_dir: PathBuf::from("/nonexistent"),
+            once: true,
+            upload: Default::default(),
+            session: Default::default(),
+        }
+    }
+
+    fn job(device: &str) -> JobSpec {
+        parse_job(&format!(
+            "id = \"d\"\nkind = \"deploy\"\n[disk]\ndevice = \"{device}\"\n[deploy]\nimage = \"web\"\n"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_deploy_writes_only_the_agents_own_disk() {
+        let tmp = tempfile::tempdir().unwrap();
+        let disk = tmp.path().join("disk.img");
+        std::fs::write(&disk, b"").unwrap();
+        let o = opts(&disk, CONFIG);
+        assert_eq!(deploy_disk(&o, &job("auto")).unwrap(), disk);
+        let e = deploy_disk(&o, &job("/dev/sdz")).unwrap_err().to_string();
+        assert!(
+            e.starts_with("disk.device: the job names \"/dev/sdz\""),
+            "{e}"
+        );
+        assert!(e.contains(&disk.display().to_string()), "{e}");
+    }
+
+    #[test]
+    fn no_image_signers_refuses_every_deploy() {
+        let e = image_signers(&opts(Path::new("/dev/vda"), CONFIG).config)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("refused") && e.contains("image_signers"), "{e}");
+        let key = kiln_spool::signature::SigningKey::generate("m").unwrap();
+        let line = key.allowed_signers_line("kiln-master");
+        let config = format!("image_signers = ['{line}']\n{CONFIG}");
+        let signers = image_signers(&opts(Path::new("/dev/vda"), &config).config).unwrap();
+        assert!(!signers.is_empty());
+    }
 }
