@@ -339,7 +339,9 @@ pub(super) fn write_image(
             .unwrap_or_else(|_| Err(Error::Failed("the writer thread panicked".into())));
         match w {
             Ok((written, held)) => (written, held, read_err),
-            Err(e) => (0, None, Some(e)),
+            // A reader that stopped (abort, a broken stream) leaves the
+            // writer short of ranges: the reader's reason comes first.
+            Err(e) => (0, None, Some(read_err.unwrap_or(e))),
         }
     });
     if let Some(e) = read_err {
