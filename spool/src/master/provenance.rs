@@ -124,34 +124,58 @@ pub fn verify_image(
     id: &str,
     signers: &AllowedSigners,
 ) -> Result<std::result::Result<Verified, String>> {
-    let record = read_image(fs, id)?.ok_or_else(|| {
-        MasterError::BadInput(format!(
-            "{id:?} is not a published image: there is no {}/{PUBLISHED}",
-            image_dir(id)
-        ))
-    })?;
     let dir = image_dir(id);
-    let signer = match record.check_signature(signers) {
-        SignatureCheck::Valid(p) => p,
-        SignatureCheck::Missing => return Ok(Err(format!("{dir}/{SIGNATURE} is missing"))),
-        SignatureCheck::Invalid(why) => {
+    let published_path = format!("{dir}/{PUBLISHED}");
+    let Some(bytes) = fs
+        .read_capped(&published_path, 64 << 10)
+        .ctx(|| format!("reading {published_path}"))?
+    else {
+        return Err(MasterError::BadInput(format!(
+            "{id:?} is not a published image: there is no {published_path}"
+        )));
+    };
+    let published = match Published::parse(&String::from_utf8_lossy(&bytes)) {
+        Ok(p) => p,
+        Err(e) => return Ok(Err(format!("{published_path}: {e}"))),
+    };
+    // The signature first, over the bytes as they are: a manifest that
+    // was changed is reported as such, not as whatever parsing finds.
+    let manifest_path = format!("{dir}/{MANIFEST}");
+    let Some(manifest_bytes) = fs
+        .read_capped(&manifest_path, MAX_UPLOAD_RECORD)
+        .ctx(|| format!("reading {manifest_path}"))?
+    else {
+        return Ok(Err(format!("{manifest_path} is missing")));
+    };
+    let sig_path = format!("{dir}/{SIGNATURE}");
+    let Some(sig) = fs
+        .read_capped(&sig_path, MAX_SIGNATURE)
+        .ctx(|| format!("reading {sig_path}"))?
+    else {
+        return Ok(Err(format!("{sig_path} is missing")));
+    };
+    let signer = match signers.verify(&manifest_bytes, &String::from_utf8_lossy(&sig)) {
+        Ok(s) => s,
+        Err(why) => {
             return Ok(Err(format!(
-                "{dir}/{SIGNATURE} does not verify {dir}/{MANIFEST}: {why}"
+                "{sig_path} does not verify {manifest_path}: {why}"
             )))
         }
     };
-    let m = &record.manifest;
+    let m = match ImageManifest::parse(&String::from_utf8_lossy(&manifest_bytes)) {
+        Ok(m) => m,
+        Err(e) => return Ok(Err(format!("{manifest_path}: {e}"))),
+    };
+    let m = &m;
     if m.job != id {
         return Ok(Err(format!(
-            "{dir}/{MANIFEST}: job is {:?}, not {id:?}",
+            "{manifest_path}: job is {:?}, not {id:?}",
             m.job.escape_debug().to_string()
         )));
     }
-    if m.image_blake3 != record.published.image_blake3
-        || m.image_size != record.published.image_size
-    {
+    if m.image_blake3 != published.image_blake3 || m.image_size != published.image_size {
         return Ok(Err(format!(
-            "{dir}/{MANIFEST} and {dir}/{PUBLISHED} disagree on the image's size or BLAKE3"
+            "{manifest_path} and {published_path} disagree on the image's size or BLAKE3"
         )));
     }
     let path = format!("{dir}/{IMAGE_FILE}");
@@ -179,6 +203,6 @@ pub fn verify_image(
         signer,
         image_size: d.size,
         image_blake3: d.blake3,
-        manifest_blake3: record.manifest_blake3,
+        manifest_blake3: blake3::hash(&manifest_bytes).to_hex().to_string(),
     }))
 }
