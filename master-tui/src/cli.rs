@@ -377,6 +377,17 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 out.display(),
                 kiln_initramfs::pxe::BOOT_SCRIPT
             );
+            // The agent's config is built into the initramfs by
+            // kiln-initramfs, not written here: say what it needs for
+            // deploy jobs.
+            let spool = LocalSpool::new(&cli.spool);
+            if let Ok(Some(key)) = master::signing::load_key(&spool) {
+                println!(
+                    "for deploy jobs the agent config given to kiln-initramfs --agent-config needs \
+                     image_signers = ['{}']",
+                    key.allowed_signers_line(kiln_spool::signature::DEFAULT_PRINCIPAL)
+                );
+            }
         }
         Command::AgentKey { out, agent_user } => {
             let opts = crate::agent_key::AgentKeyOptions {

@@ -146,6 +146,27 @@ fn a_published_image_verifies_with_ssh_keygen_until_a_byte_changes() {
     let allowed = dir.path().join("allowed_signers");
     std::fs::write(&allowed, &line).unwrap();
 
+    // `pxe` says what the agents' config needs for deploy jobs.
+    let (kernel, initrd) = (dir.path().join("vmlinuz"), dir.path().join("i.img"));
+    std::fs::write(&kernel, b"k").unwrap();
+    std::fs::write(&initrd, b"i").unwrap();
+    let pxe = ok(
+        &spool,
+        &[
+            "pxe",
+            "--out",
+            dir.path().join("tftp").to_str().unwrap(),
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initramfs",
+            initrd.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        pxe.contains(&format!("image_signers = ['{}']", line.trim_end())),
+        "{pxe}"
+    );
+
     publish(&spool, dir.path());
     let (good, said) = ssh_keygen_verify(&spool, "img", &allowed);
     assert!(good, "ssh-keygen refused a fresh publication: {said}");
