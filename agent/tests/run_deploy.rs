@@ -15,7 +15,7 @@ use kiln_spool::lease::Lease;
 use kiln_spool::manifest::ImageManifest;
 use kiln_spool::master::{self, job_view, read_history, reap, JobState};
 use kiln_spool::signature::SigningKey;
-use kiln_spool::status::{read_status, AgentState};
+use kiln_spool::status::{read_status, AgentState, Phase};
 use kiln_spool::time::Timestamp;
 use kiln_spool::upload::{DeployReport, Published};
 use kiln_spool::{LocalSpool, SpoolFs};
@@ -110,18 +110,54 @@ impl Agent {
         self.dir.path().join("disk.img")
     }
 
-    fn once(&self) -> (i32, String) {
-        let out = Command::new(AGENT)
-            .arg("run")
+    /// [`Agent::once`], with every state and phase the job's status file
+    /// showed while the agent ran.
+    fn once_watching(&self, server: &Server, job: &str) -> (i32, String, Vec<(AgentState, Phase)>) {
+        let mut child = self
+            .command()
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut seen = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let code = loop {
+            if let Ok(Some(st)) = read_status(&server.spool, job) {
+                if seen.last() != Some(&(st.state, st.phase)) {
+                    seen.push((st.state, st.phase));
+                }
+            }
+            if let Some(code) = child.try_wait().unwrap() {
+                break code.code().unwrap_or(-1);
+            }
+            assert!(Instant::now() < deadline, "the agent did not finish {job}");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let mut err = String::new();
+        use std::io::Read;
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        (code, err, seen)
+    }
+
+    fn command(&self) -> Command {
+        let mut c = Command::new(AGENT);
+        c.arg("run")
             .arg("--config")
             .arg(self.dir.path().join("agent.toml"))
             .arg("--disk")
             .arg(self.disk())
             .arg("--work-dir")
             .arg(self.dir.path().join("work"))
-            .args(["--chunk-size", "1MiB", "--once"])
-            .output()
-            .unwrap();
+            .args(["--chunk-size", "1MiB", "--once"]);
+        c
+    }
+
+    fn once(&self) -> (i32, String) {
+        let out = self.command().output().unwrap();
         (
             out.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -262,8 +298,17 @@ fn a_published_image_is_deployed_onto_a_larger_disk_and_recorded() {
     // The deploy: no grow, so every range reads back as published.
     let target = Agent::new("target-1", &server, &[server.signer_line()], 256 * MIB);
     server.add(&deploy_job("deploy-web", "web", false, true));
-    let (code, out) = target.once();
+    let (code, out, seen) = target.once_watching(&server, "deploy-web");
     assert_eq!(code, 0, "{out}\n{}", server.sshd.log_tail());
+    assert!(
+        seen.iter()
+            .all(|(st, _)| matches!(st, AgentState::Deploying | AgentState::Deployed)),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter().any(|(st, _)| *st == AgentState::Deploying),
+        "{seen:?}"
+    );
     assert!(out.contains("is signed by"), "{out}");
     assert!(out.contains("not the machine's init"), "{out}");
     let dir = server.upload_dir("deploy-web");

@@ -176,11 +176,25 @@ impl<'a> HeldJob<'a> {
     }
 
     /// Download, then build and upload, or deploy.
-    fn work(&self) -> Result<Done> {
+    /// The job file, before the first heartbeat, so that the first status
+    /// already says whether the agent builds or deploys.
+    fn download(&self) -> Result<Downloaded> {
         let started = Timestamp::now();
         let t = Instant::now();
         let (text, job) = download_job(self.spool, self.lease)?;
-        let download = phase_time(Phase::Download, started, t.elapsed().as_secs_f64());
+        let phase = phase_time(Phase::Download, started, t.elapsed().as_secs_f64());
+        if job.kind == JobKind::Deploy {
+            self.beat.set(|st| st.state = AgentState::Deploying);
+        }
+        Ok(Downloaded { text, job, phase })
+    }
+
+    fn work(&self, downloaded: Downloaded) -> Result<Done> {
+        let Downloaded {
+            text,
+            job,
+            phase: download,
+        } = downloaded;
         self.watch_stop();
         if job.kind == JobKind::Deploy {
             let d = deploy_job(self, &job, download)?;
@@ -258,6 +272,13 @@ impl<'a> HeldJob<'a> {
     }
 }
 
+/// The held job's file, parsed, and how long it took to fetch.
+struct Downloaded {
+    text: String,
+    job: kiln_spool::job::JobSpec,
+    phase: kiln_spool::manifest::PhaseTime,
+}
+
 /// How a held job ended well.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Done {
@@ -278,9 +299,13 @@ pub(super) fn do_job(
     say: &mut dyn FnMut(&str),
 ) -> Result<Done> {
     let held = HeldJob::open(opts, server, spool, lease, stop, say)?;
+    let downloaded = match held.download() {
+        Ok(d) => d,
+        Err(e) => return held.report(Err(e)),
+    };
     let result = std::thread::scope(|s| {
         s.spawn(|| heartbeats(opts, server, lease, &held.beat));
-        let r = held.work();
+        let r = held.work(downloaded);
         held.beat.finish();
         r
     });
