@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use kiln_e2e::sshd::{skip_without_sshd, TestSshd};
 use kiln_spool::agent::uploader::{upload, UploadOptions};
 use kiln_spool::lease::Lease;
+use kiln_spool::manifest::ImageManifest;
 use kiln_spool::master::reap;
 use kiln_spool::master::{self, job_view, read_history, JobState};
 use kiln_spool::status::read_status;
@@ -200,6 +201,50 @@ fn one_agent_builds_one_job_and_it_is_published() {
     assert_eq!(history.len(), 1);
     assert_eq!(history[0].agent, "agent-1");
 
+    // How it was made: the agent's machine, every phase with its start, the
+    // payload as streamed; the master's signature over all of it.
+    let text = String::from_utf8(server.spool.read("images/web/manifest.toml").unwrap()).unwrap();
+    let m = ImageManifest::parse(&text).unwrap();
+    let p = m
+        .provenance
+        .as_ref()
+        .expect("provenance in the published manifest");
+    assert_eq!(p.kiln_version, env!("CARGO_PKG_VERSION"));
+    assert!(p.hardware.cpus > 0, "{p:?}");
+    assert!(p.hardware.memory_bytes > 0, "{p:?}");
+    assert_eq!(p.hardware.disk_size, 128 << 20, "{p:?}");
+    assert!(p.signer.starts_with("SHA256:"), "{p:?}");
+    let phases: Vec<&str> = m.phases.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(
+        phases,
+        [
+            "download",
+            "check",
+            "partition",
+            "mkfs",
+            "mount",
+            "payloads",
+            "configure",
+            "steps",
+            "unmount",
+            "capture",
+            "upload"
+        ]
+    );
+    for ph in &m.phases {
+        let started = ph
+            .started
+            .unwrap_or_else(|| panic!("{} has no start", ph.name));
+        assert!(m.started <= started && started <= m.finished, "{ph:?}");
+    }
+    let tar = std::fs::read(server.dir.path().join("payloads/base.tar")).unwrap();
+    assert_eq!(m.payloads.len(), 1);
+    assert_eq!(m.payloads[0].name, "base.tar");
+    assert_eq!(
+        m.payloads[0].blake3,
+        blake3::hash(&tar).to_hex().to_string()
+    );
+
     let (code, out) = agent.once();
     assert_eq!(code, 3, "no job left: {out}");
 }
@@ -333,7 +378,7 @@ fn a_killed_agent_is_reaped_and_its_late_upload_refused() {
     // upload planted under its token is refused by the master.
     let image = first.dir.path().join("late.raw.zst");
     std::fs::write(&image, b"late image").unwrap();
-    let manifest = kiln_spool::manifest::ImageManifest {
+    let manifest = ImageManifest {
         format: "raw.zst".into(),
         job: "slow".into(),
         job_blake3: String::new(),
