@@ -283,7 +283,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let spool = open_spool(&cli.spool)?;
             let view = master::job_view(&spool, &id, now)?;
             let spec = master::read_job_spec(&spool, &id).ok();
-            let image = crate::show::image(&spool, &id)?;
+            // A damaged publication is reported, not allowed to hide the job.
+            let image = crate::show::image(&spool, &id).map_err(|e| e.to_string());
             let deployment = crate::show::deployment(&spool, &id)?;
             if json {
                 let value = serde_json::json!({
@@ -293,7 +294,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
                         "deadline": l.deadline.to_string(), "attempt": l.attempt,
                     })),
                     "spec": spec.as_ref().map(|(text, _)| text),
-                    "image": image.as_ref().map(|i| i.json()),
+                    "image": image.as_ref().ok().and_then(|i| i.as_ref()).map(|i| i.json()),
+                    "image_error": image.as_ref().err(),
                     "deployment": deployment,
                 });
                 println!("{}", json_text(&value)?);
@@ -302,8 +304,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     "{}",
                     format_show(&view, spec.as_ref().map(|(t, _)| t.as_str()))
                 );
-                if let Some(i) = &image {
-                    print!("{}", i.text());
+                match &image {
+                    Ok(Some(i)) => print!("{}", i.text()),
+                    Ok(None) => {}
+                    Err(e) => print!("\n# image\nunreadable: {}\n", printable(e)),
                 }
                 if let Some(d) = &deployment {
                     print!("{}", crate::provenance::format_deployment(d));

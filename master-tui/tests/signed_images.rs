@@ -195,6 +195,18 @@ fn a_published_image_verifies_with_ssh_keygen_until_a_byte_changes() {
     assert!(e.contains("manifest.toml.sig does not verify"), "{e}");
     let shown = ok(&spool, &["show", "img"]);
     assert!(shown.contains("signature  does NOT verify"), "{shown}");
+    // A manifest that no longer parses: verify still names the signature,
+    // and show still shows the job.
+    let mut garbled = original.clone();
+    garbled.extend_from_slice(b"\n[[[\n");
+    std::fs::write(&manifest, &garbled).unwrap();
+    let e = fails(&spool, &["verify", "img"], 1);
+    assert!(e.contains("manifest.toml.sig does not verify"), "{e}");
+    let shown = ok(&spool, &["show", "img"]);
+    assert!(
+        shown.contains("state      done") && shown.contains("unreadable: images/img/manifest.toml"),
+        "{shown}"
+    );
     std::fs::write(&manifest, &original).unwrap();
     assert!(ssh_keygen_verify(&spool, "img", &allowed).0);
 
