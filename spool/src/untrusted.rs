@@ -493,6 +493,78 @@ mod tests {
     }
 
     #[test]
+    fn macs_are_six_or_twenty_hex_octets() {
+        check_mac("m", "52:54:00:12:34:56").unwrap();
+        check_mac("m", "D8:9E:F3:1A:2B:3C").unwrap();
+        check_mac("m", &vec!["80"; 20].join(":")).unwrap();
+        for bad in [
+            "",
+            "52:54:00:12:34",
+            "52:54:00:12:34:5g",
+            "525400123456",
+            "52-54-00-12-34-56",
+        ] {
+            let e = check_mac("hardware.nics[0].mac", bad).unwrap_err();
+            assert!(e.starts_with("hardware.nics[0].mac"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_deploy_report_names_its_job_and_image_and_is_bounded() {
+        let good = crate::upload::DeployReport {
+            job: "d1".into(),
+            image: "img".into(),
+            manifest_blake3: "ab".repeat(32),
+            image_blake3: "cd".repeat(32),
+            agent: "n7".into(),
+            disk: "/dev/vda".into(),
+            disk_size: 16 << 30,
+            grown: true,
+            bytes_written: 1 << 30,
+            started: Timestamp(1),
+            finished: Timestamp(2),
+            phases: vec![],
+            hardware: Hardware::default(),
+        };
+        check_deploy_report(&good, "d1", "img").unwrap();
+        type Change = fn(&mut crate::upload::DeployReport);
+        let cases: [(Change, &str); 7] = [
+            (|r| r.job = "d2".into(), "job \"d2\""),
+            (|r| r.image = "other".into(), "image \"other\""),
+            (|r| r.manifest_blake3 = "AB".repeat(32), "manifest_blake3"),
+            (
+                |r| r.agent = "n7\u{1b}[2J".into(),
+                "agent holds a control character",
+            ),
+            (|r| r.disk = "d".repeat(MAX_DISK_NAME + 1), "disk is"),
+            (|r| r.bytes_written = MAX_PHASE_BYTES + 1, "bytes_written"),
+            (
+                |r| {
+                    r.hardware.nics = vec![crate::manifest::Nic {
+                        name: "e".into(),
+                        mac: "x".into(),
+                    }]
+                },
+                "hardware.nics[0].mac",
+            ),
+        ];
+        for (change, want) in cases {
+            let mut r = good.clone();
+            change(&mut r);
+            let e = check_deploy_report(&r, "d1", "img").unwrap_err();
+            assert!(e.contains(want), "{want}: {e}");
+        }
+        let mut r = good.clone();
+        r.phases = vec![PhaseTime {
+            name: "deploy".into(),
+            seconds: f64::NAN,
+            started: None,
+        }];
+        let e = check_deploy_report(&r, "d1", "img").unwrap_err();
+        assert!(e.contains("phases[0].seconds"), "{e}");
+    }
+
+    #[test]
     fn a_lease_must_name_its_own_file() {
         let (dir, s) = spool();
         let put = |name: &str, text: &str| {
