@@ -259,6 +259,7 @@ pub fn image_json(
         SignatureCheck::Valid(_) => (true, None),
         SignatureCheck::Missing => (false, Some(check.to_string())),
         SignatureCheck::Invalid(w) => (false, Some(w.clone())),
+        SignatureCheck::Unchecked(w) => (false, Some(format!("cannot be checked: {w}"))),
     };
     serde_json::json!({
         "id": record.id,

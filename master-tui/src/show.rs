@@ -41,7 +41,7 @@ pub fn image(spool: &LocalSpool, id: &str) -> Result<Option<ShownImage>, MasterE
     };
     let check = match master_signers(spool) {
         Ok(signers) => record.check_signature(&signers),
-        Err(e) => SignatureCheck::Invalid(format!("cannot be checked: {e}")),
+        Err(e) => SignatureCheck::Unchecked(e.to_string()),
     };
     let deployments = deployments_of(spool, id)?;
     Ok(Some(ShownImage {

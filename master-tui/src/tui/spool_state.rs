@@ -202,7 +202,7 @@ fn read_images(spool: &LocalSpool) -> Vec<ImageRow> {
                 .unwrap_or_default();
             let signature = match (&signers, read_image(spool, id)) {
                 (Ok(s), Ok(Some(record))) => record.check_signature(s),
-                (Err(why), _) => SignatureCheck::Invalid(format!("cannot be checked: {why}")),
+                (Err(why), _) => SignatureCheck::Unchecked(why.clone()),
                 (_, Ok(None)) => SignatureCheck::Missing,
                 (_, Err(e)) => SignatureCheck::Invalid(e.to_string()),
             };

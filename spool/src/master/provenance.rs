@@ -34,6 +34,9 @@ pub enum SignatureCheck {
     Valid(String),
     Missing,
     Invalid(String),
+    /// There is no key to check it with (the master has none, or it is
+    /// damaged): why.
+    Unchecked(String),
 }
 
 impl std::fmt::Display for SignatureCheck {
@@ -42,6 +45,7 @@ impl std::fmt::Display for SignatureCheck {
             SignatureCheck::Valid(p) => write!(f, "verifies (signed by {p})"),
             SignatureCheck::Missing => write!(f, "missing: there is no {SIGNATURE}"),
             SignatureCheck::Invalid(why) => write!(f, "does NOT verify: {why}"),
+            SignatureCheck::Unchecked(why) => write!(f, "cannot be checked: {why}"),
         }
     }
 }

@@ -116,6 +116,7 @@ fn draw_provenance(theme: Theme, f: &mut Frame, area: Rect, row: &ImageRow) {
         SignatureCheck::Valid(_) => ("✓ verifies", theme.good()),
         SignatureCheck::Missing => ("✗ unsigned", theme.danger()),
         SignatureCheck::Invalid(_) => ("✗ does not verify", theme.danger()),
+        SignatureCheck::Unchecked(_) => ("? not checked", theme.dim()),
     };
     let signer = if p.signer.is_empty() {
         "none recorded".to_string()
