@@ -144,12 +144,17 @@ impl Agent {
     }
 
     fn command(&self) -> Command {
+        self.command_on(&self.disk())
+    }
+
+    /// `kiln-agent run --once` with `disk` as the agent's disk.
+    fn command_on(&self, disk: &Path) -> Command {
         let mut c = Command::new(AGENT);
         c.arg("run")
             .arg("--config")
             .arg(self.dir.path().join("agent.toml"))
             .arg("--disk")
-            .arg(self.disk())
+            .arg(disk)
             .arg("--work-dir")
             .arg(self.dir.path().join("work"))
             .args(["--chunk-size", "1MiB", "--once"]);
@@ -348,14 +353,20 @@ fn a_published_image_is_deployed_onto_a_larger_disk_and_recorded() {
         Some("target-1")
     );
 
-    // Again with grow: the last partition now ends at the disk's end.
+    // Again with grow, onto the same disk as a block device: the last
+    // partition now ends at the disk's end.
     server.add(&deploy_job("deploy-web-grown", "web", true, false));
-    let (code, out) = target.once();
-    assert_eq!(code, 0, "{out}");
+    let lo = Loop::new(&target.disk(), 0, None);
+    let out = target.command_on(Path::new(&lo.0)).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    drop(lo);
     let dir = server.upload_dir("deploy-web-grown");
     let r =
         DeployReport::parse(&std::fs::read_to_string(dir.join("deployed.toml")).unwrap()).unwrap();
     assert!(r.grown, "{r:?}");
+    assert!(r.disk.starts_with("/dev/loop"), "{r:?}");
+    assert_eq!((r.disk_size, r.hardware.disk_size), (256 * MIB, 256 * MIB));
     let table = sfdisk_json(&target.disk()).expect("a partition table");
     let parts = table["partitiontable"]["partitions"].as_array().unwrap();
     let last = parts.last().unwrap();
@@ -363,6 +374,25 @@ fn a_published_image_is_deployed_onto_a_larger_disk_and_recorded() {
     assert!(
         end > 250 * MIB && end <= 256 * MIB,
         "the last partition ends at {end}: {table}"
+    );
+    let root = Loop::new(
+        &target.disk(),
+        last["start"].as_u64().unwrap() * 512,
+        Some(last["size"].as_u64().unwrap() * 512),
+    );
+    ok(Command::new("e2fsck").args(["-fn", &root.0]));
+    let dumped = ok(Command::new("dumpe2fs").args(["-h", &root.0]));
+    let field = |name: &str| -> u64 {
+        dumped
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {dumped}"))
+    };
+    let fs_bytes = field("Block count:") * field("Block size:");
+    assert!(
+        fs_bytes > 248 * MIB,
+        "the root filesystem is {fs_bytes} bytes"
     );
 }
 
