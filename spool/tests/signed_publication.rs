@@ -410,3 +410,33 @@ fn verify_checks_signature_manifest_and_image() {
     let why = verify_image(&spool, "img", &theirs).unwrap().unwrap_err();
     assert!(why.contains(SIGNATURE), "{why}");
 }
+
+#[test]
+fn without_a_usable_key_nothing_is_published_and_the_upload_waits() {
+    let (dir, spool) = new_spool();
+    std::fs::write(dir.path().join(SIGNING_KEY), "not a key").unwrap();
+    add_build(&spool, "img");
+    let lease = claim(&spool);
+    upload_with(&spool, &lease, b"an image", 8, |_| {});
+    let e = reap(&spool, T1).unwrap_err().to_string();
+    assert!(e.starts_with(SIGNING_KEY), "{e}");
+    assert!(!spool.exists(&image_dir("img")).unwrap());
+    // The agent's attempt is not spent and its upload is kept.
+    let entry = read_job_list(&spool).unwrap().get("img").cloned().unwrap();
+    assert_eq!((entry.state, entry.attempts), (EntryState::Queued, 0));
+    assert!(spool
+        .exists(&format!(
+            "{}/{MANIFEST}",
+            incoming_dir(&lease.job, &lease.token)
+        ))
+        .unwrap());
+    // The operator puts a key back; the next pass publishes, signed.
+    std::fs::remove_file(dir.path().join(SIGNING_KEY)).unwrap();
+    let report = reap(&spool, T1).unwrap();
+    assert_eq!(report.published, vec!["img".to_string()]);
+    let record = read_image(&spool, "img").unwrap().unwrap();
+    assert!(matches!(
+        record.check_signature(&master_signers(&spool).unwrap()),
+        SignatureCheck::Valid(_)
+    ));
+}
