@@ -329,6 +329,12 @@ fn a_published_image_is_deployed_onto_a_larger_disk_and_recorded() {
     assert!(!r.grown);
     assert_eq!(r.bytes_written, published.data_bytes());
     assert!(r.started <= r.finished);
+    for ph in &r.phases {
+        let started = ph
+            .started
+            .unwrap_or_else(|| panic!("{} has no start", ph.name));
+        assert!(r.started <= started && started <= r.finished, "{ph:?}");
+    }
     let phases: Vec<&str> = r.phases.iter().map(|p| p.name.as_str()).collect();
     for want in ["download", "check", "deploy", "readback"] {
         assert!(phases.contains(&want), "no {want} phase in {phases:?}");

@@ -104,7 +104,8 @@ impl ImageSource for ServerImage<'_> {
 /// Deploys the image the held job names onto the agent's disk and reports
 /// it. `download` is the job file's phase.
 pub(super) fn deploy_job(held: &HeldJob, job: &JobSpec, download: PhaseTime) -> Result<Deployed> {
-    let started = Timestamp::now();
+    // The job began with its download.
+    let started = download.started.unwrap_or_else(Timestamp::now);
     let spec: &Deploy = job
         .deploy
         .as_ref()

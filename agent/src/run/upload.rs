@@ -228,6 +228,10 @@ pub(super) fn build_and_upload(
     let split = up.split();
     let result = up.stream(&split, |sink| {
         let mut manifest = build_into(req, sink, split.workers, on_event, &up.beat.abort)?;
+        // The job began with its download, before the build's first phase.
+        if let Some(t) = download.started {
+            manifest.started = manifest.started.min(t);
+        }
         manifest.phases.insert(0, download);
         on_event(&Event {
             phase: Phase::Upload,
