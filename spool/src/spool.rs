@@ -24,6 +24,7 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::OFlag;
@@ -306,7 +307,12 @@ impl LocalSpool {
     ) -> io::Result<String> {
         let tmp = temp_name(name);
         let mut f = beneath::create_new(dir, &tmp, mode)?;
-        let written = f.write_all(data).and_then(|()| f.sync_all());
+        // The mode as given, whatever the umask: a master running with
+        // umask 077 must still leave jobs.toml and jobs/ readable to agents.
+        let written = f
+            .set_permissions(std::fs::Permissions::from_mode(mode))
+            .and_then(|()| f.write_all(data))
+            .and_then(|()| f.sync_all());
         if let Err(e) = written {
             let _ = beneath::unlink(dir, &tmp);
             return Err(e);
