@@ -347,7 +347,7 @@ pub struct Want {
 pub fn want_for(access: Access, master: &Account, agents: &Account) -> Want {
     let gid = match access {
         Access::AgentsCreate => agents.gid,
-        Access::MasterWrites | Access::MasterOnly => master.gid,
+        Access::MasterWrites | Access::AgentsRead | Access::MasterOnly => master.gid,
     };
     Want {
         uid: master.uid,
@@ -590,7 +590,7 @@ mod tests {
             assert_eq!(stat(&spool.join(d)), (want.uid, want.gid, want.mode), "{d}");
         }
         assert_eq!(stat(&spool.join("leases")).2, 0o1775);
-        assert_eq!(stat(&spool.join("images")).2, 0o700);
+        assert_eq!(stat(&spool.join("images")).2, 0o711);
         assert_eq!(stat(&spool.join("jobs")).2, 0o755);
         assert_eq!(changes.0.len(), LAYOUT.len() + 1, "{:?}", changes.0);
         assert!(changes.0[1].starts_with("created "), "{:?}", changes.0);

@@ -160,8 +160,19 @@ pub fn unlink(dir: &OwnedFd, name: &str) -> io::Result<()> {
     unlinkat(Some(dir.as_raw_fd()), name, UnlinkatFlags::NoRemoveDir).map_err(err)
 }
 
+/// Makes directory `name` with `mode` as given, whatever the umask.
 pub fn mkdir(dir: &OwnedFd, name: &str, mode: u32) -> io::Result<()> {
-    mkdirat(Some(dir.as_raw_fd()), name, Mode::from_bits_truncate(mode)).map_err(err)
+    mkdirat(Some(dir.as_raw_fd()), name, Mode::from_bits_truncate(mode)).map_err(err)?;
+    let fd = nix::fcntl::openat(
+        Some(dir.as_raw_fd()),
+        name,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(err)?;
+    // SAFETY: openat just returned this descriptor, and nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    nix::sys::stat::fchmod(fd.as_raw_fd(), Mode::from_bits_truncate(mode)).map_err(err)
 }
 
 pub fn link(dir: &OwnedFd, from: &str, to_dir: &OwnedFd, to: &str) -> io::Result<()> {

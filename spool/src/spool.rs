@@ -59,6 +59,10 @@ pub enum Access {
     /// renaming what they did not make: owner the master, group the
     /// agents' group, mode 01775.
     AgentsCreate,
+    /// The master writes; agents may open what they can name but not list
+    /// it: owner the master, mode 0711. Published images: a deploy job's
+    /// agent reads `images/<id>/` by its id.
+    AgentsRead,
     /// Only the master, agents cannot even list it: owner the master, mode 0700.
     MasterOnly,
 }
@@ -69,6 +73,7 @@ impl Access {
         match self {
             Access::MasterWrites => 0o755,
             Access::AgentsCreate => 0o1775,
+            Access::AgentsRead => 0o711,
             Access::MasterOnly => 0o700,
         }
     }
@@ -83,7 +88,7 @@ pub const LAYOUT: [(&str, Access); 9] = [
     (STATUS, Access::AgentsCreate),
     (INCOMING, Access::AgentsCreate),
     (LOGS, Access::AgentsCreate),
-    (IMAGES, Access::MasterOnly),
+    (IMAGES, Access::AgentsRead),
     (HISTORY, Access::MasterOnly),
     (MASTER_DIR, Access::MasterOnly),
 ];

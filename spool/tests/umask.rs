@@ -14,6 +14,7 @@ fn files_the_master_writes_keep_their_mode_under_umask_077() {
     spool.write_atomic("jobs.toml", b"x").unwrap();
     assert!(spool.create_exclusive("job.toml", b"y").unwrap());
     assert!(spool.create_private("key", b"z").unwrap());
+    spool.mkdir_all("images/web/x").unwrap();
     nix::sys::stat::umask(old);
     let mode = |name: &str| {
         std::fs::metadata(dir.path().join(name))
@@ -25,4 +26,5 @@ fn files_the_master_writes_keep_their_mode_under_umask_077() {
     assert_eq!(mode("jobs.toml"), 0o644, "jobs.toml");
     assert_eq!(mode("job.toml"), 0o644, "job.toml");
     assert_eq!(mode("key"), 0o600, "the signing key");
+    assert_eq!(mode("images/web"), 0o755, "a published image's directory");
 }

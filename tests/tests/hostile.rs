@@ -123,7 +123,7 @@ const ATTACKS: &[Attack] = &[
     refused("add jobs/evil.toml with an agent step", add_evil_job, nothing_more),
     refused("overwrite, rename or delete a payload", tamper_payload, nothing_more),
     refused("add a payload", add_payload, nothing_more),
-    refused("list or read images/", read_images, nothing_more),
+    refused("list images/", list_images, nothing_more),
     refused("write into images/", write_images, nothing_more),
     refused("plant images/<id>/published.toml", plant_publication, nothing_more),
     refused("list, read or write history/", touch_history, nothing_more),
