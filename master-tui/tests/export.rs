@@ -198,7 +198,10 @@ impl Fixture {
             .arg(&disk)
             .arg("--out")
             .arg(&image));
-        let manifest_text = fs::read_to_string(captured.join("image.manifest.toml")).unwrap();
+        // The master publishes an image under its job's id.
+        let manifest_text = fs::read_to_string(captured.join("image.manifest.toml"))
+            .unwrap()
+            .replacen("job = \"\"", &format!("job = \"{ID}\""), 1);
         let manifest = ImageManifest::parse(&manifest_text).unwrap();
         assert!(
             manifest.ranges.iter().any(|r| r.offset % 4096 != 0),
