@@ -118,8 +118,9 @@ pub enum Command {
         #[arg(long, default_value = kiln_initramfs::pxe::DEFAULT_CMDLINE)]
         cmdline: String,
     },
-    /// Write a published image in a form other tools take: a raw or zstd
-    /// image with a .bmap for `bmaptool copy`, or a qcow2 for VMs and clouds.
+    /// Write a published image, checked against its manifest, in forms
+    /// other tools take: ID.img.zst (or a sparse ID.img) with ID.img.bmap
+    /// for `bmaptool copy`, or ID.qcow2 for VMs and clouds.
     Export(crate::export::ExportArgs),
     /// Make the ed25519 key pair agents log in with, the authorized_keys file
     /// and the sshd drop-in that confine it to SFTP in the spool.

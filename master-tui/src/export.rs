@@ -43,7 +43,7 @@ pub struct ExportArgs {
     /// The published image's id.
     pub id: String,
     /// The directory to write into (created if missing).
-    #[arg(long)]
+    #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
     /// Write ID.img.zst (or, with --raw, ID.img) and ID.img.bmap, which
     /// `bmaptool copy ID.img.zst /dev/sdX` finds by itself.
