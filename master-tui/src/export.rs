@@ -15,6 +15,8 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -444,7 +446,15 @@ struct Sinks {
 
 /// Reads the image once, checks it against its manifest and feeds `sinks`;
 /// returns the SHA-256 of each of `spans`.
-fn stream(image: &Image, spans: &[Span], copy_path: &Path, sinks: Sinks) -> Result<Vec<String>> {
+/// `stop` (Ctrl-C) ends the pass early with an error, which leaves the
+/// outputs to be removed.
+fn stream(
+    image: &Image,
+    spans: &[Span],
+    copy_path: &Path,
+    sinks: Sinks,
+    stop: &AtomicBool,
+) -> Result<Vec<String>> {
     let m = &image.manifest;
     let shown = image.file.display();
     let f = File::open(&image.file).with_context(|| format!("opening {shown}"))?;
@@ -475,6 +485,10 @@ fn stream(image: &Image, spans: &[Span], copy_path: &Path, sinks: Sinks) -> Resu
         let mut sha = Sha256::new();
         let mut progress = Progress::new("export: reading the image", m.disk_size);
         loop {
+            if stop.load(Ordering::SeqCst) {
+                eprintln!();
+                bail!("interrupted; nothing was exported");
+            }
             let n = match raw.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => n,
@@ -556,7 +570,7 @@ fn stream(image: &Image, spans: &[Span], copy_path: &Path, sinks: Sinks) -> Resu
         );
         Ok(())
     })();
-    if pass.as_ref().is_err_and(|e| e.is::<CopyFailed>()) {
+    if pass.as_ref().is_err_and(|e| e.is::<CopyFailed>()) || stop.load(Ordering::SeqCst) {
         return pass.map(|()| sums);
     }
     // zstd may stop before the file's end; what follows still counts. A
@@ -662,7 +676,11 @@ pub fn run(spool: &LocalSpool, args: &ExportArgs) -> Result<()> {
     };
     let spans = bmap_spans(&m.ranges, m.block_size, m.disk_size);
     let copy_path = copy.as_ref().map_or_else(PathBuf::new, |c| c.tmp.clone());
-    let sums = stream(&image, &spans, &copy_path, sinks)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
+        .context("installing the Ctrl-C handler")?;
+    let sums = stream(&image, &spans, &copy_path, sinks, &stop)?;
 
     let mut lines = Vec::new();
     let mut bmap_out = None;
