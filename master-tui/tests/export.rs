@@ -264,13 +264,20 @@ impl Fixture {
         kiln(&self.spool, &args)
     }
 
+    /// Exports, which must succeed and say on stderr how far it got and
+    /// how fast; returns stdout.
     fn export_ok(&self, out: &Path, flags: &[&str]) -> String {
         let o = self.export(out, flags);
+        let err = text(&o.stderr);
         assert!(
             o.status.success(),
-            "export {flags:?} failed ({}): {}",
-            o.status,
-            text(&o.stderr)
+            "export {flags:?} failed ({}): {err}",
+            o.status
+        );
+        assert!(
+            err.contains("export: reading the image: 64.0 MiB of 64.0 MiB (100%)")
+                && err.contains("MiB/s"),
+            "progress on stderr: {err}"
         );
         text(&o.stdout)
     }
@@ -494,6 +501,26 @@ fn the_qcow2_export_is_the_same_disk() {
         [format!("{ID}.qcow2")],
         "the temporary raw disk is removed"
     );
+
+    // All at once: the sparse raw disk, its bmap and the qcow2 made from it.
+    let all = fx.path("all");
+    let stdout = fx.export_ok(&all, &["--bmap", "--raw", "--qcow2"]);
+    let mut names = entries(&all);
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            format!("{ID}.img"),
+            format!("{ID}.img.bmap"),
+            format!("{ID}.qcow2")
+        ],
+        "{stdout}"
+    );
+    let cmp = ok(Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "qcow2"])
+        .arg(all.join(format!("{ID}.img")))
+        .arg(all.join(format!("{ID}.qcow2"))));
+    assert!(text(&cmp.stdout).contains("Images are identical"));
 }
 
 fn assert_fails(o: &Output, words: &[&str]) -> String {
