@@ -398,6 +398,18 @@ fn without_an_allowed_signer_the_deploy_says_how_to_get_one() {
     assert_eq!(file_blake3(&target), before);
 }
 
+#[test]
+fn a_disk_smaller_than_the_image_is_refused_untouched() {
+    let p = published("a_disk_smaller_than_the_image_is_refused_untouched");
+    let target = patterned_target(&p.dir, IMAGE_DISK - MIB);
+    let before = file_blake3(&target);
+    let out = deploy_cli(&p, &target, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("the image needs 40.0 MiB"), "{stderr}");
+    assert_eq!(file_blake3(&target), before);
+}
+
 /// The server's image: the checked one on the first open, another one
 /// (one data byte flipped, compressed again) on the second.
 struct ChangingSource {
