@@ -194,7 +194,6 @@ fn main() -> ExitCode {
                 &config,
                 !no_grow,
                 &mut events,
-                &abort,
             )
         }
         Cmd::Verify { image, manifest } => {
@@ -432,7 +431,6 @@ fn run_deploy(
     config: &Path,
     grow: bool,
     events: &mut dyn FnMut(&kiln_agent::Event),
-    abort: &AtomicBool,
 ) -> Result<(), Error> {
     use kiln_agent::deploy::{deploy, load_signed, DeployOptions, FileSource, Grown};
     let signers = deploy_signers(signers, config)?;
@@ -442,6 +440,9 @@ fn run_deploy(
         paths.manifest.display(),
         signed.signer
     );
+    // Ctrl-C stops the deploy where it is and wipes the partition table.
+    static STOP: AtomicBool = AtomicBool::new(false);
+    let _ = ctrlc::set_handler(|| STOP.store(true, std::sync::atomic::Ordering::SeqCst));
     let t = std::time::Instant::now();
     let r = deploy(
         &signed,
@@ -449,7 +450,7 @@ fn run_deploy(
         disk,
         &DeployOptions { grow },
         events,
-        abort,
+        &STOP,
     )?;
     let m = &signed.manifest;
     let grown = match &r.grow {
