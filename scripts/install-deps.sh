@@ -28,6 +28,16 @@ if [ ${#missing[@]} -gt 0 ]; then
   $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# bookworm's qemu-system-x86 breaks a newer (backported) qemu-utils, and apt
+# removes it to install QEMU: pair qemu-img with the QEMU it now has.
+if ! command -v qemu-img >/dev/null; then
+  echo "install-deps: installing qemu-utils to go with qemu-system-x86"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get install -y -qq --no-install-recommends qemu-utils >/dev/null
+fi
+
 if command -v rustup >/dev/null && ! rustup target list --installed | grep -qx x86_64-unknown-linux-musl; then
   echo "install-deps: adding the x86_64-unknown-linux-musl target"
   rustup target add x86_64-unknown-linux-musl
