@@ -338,7 +338,8 @@ fn check_machine(m: &Machine, firmware: Firmware) -> Identity {
 }
 
 #[test]
-fn a_debian_image_built_by_kiln_boots_by_itself_under_uefi_and_bios_and_deploys_onto_a_larger_disk() {
+fn a_debian_image_built_by_kiln_boots_by_itself_under_uefi_and_bios_and_deploys_onto_a_larger_disk()
+{
     require_tools();
     let payload = debian_payload().unwrap_or_else(|e| panic!("{e:#}"));
     let rig = rig().unwrap();
