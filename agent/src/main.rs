@@ -448,7 +448,10 @@ fn run_deploy(
         &signed,
         &mut FileSource(paths.image.clone()),
         disk,
-        &DeployOptions { grow },
+        &DeployOptions {
+            grow,
+            precheck: true,
+        },
         events,
         &STOP,
     )?;

@@ -158,6 +158,22 @@ impl<'m> RangeWalker<'m> {
     }
 }
 
+/// Where disk byte `pos` lies, for an error: `range 3 (bytes X..Y)`, or
+/// between ranges (before range N, or after the last).
+pub(crate) fn where_in(ranges: &[DataRange], pos: u64) -> String {
+    let i = ranges.partition_point(|r| r.offset + r.length <= pos);
+    match ranges.get(i) {
+        Some(r) if r.offset <= pos => {
+            format!("in range {i} (bytes {}..{})", r.offset, r.offset + r.length)
+        }
+        Some(r) => format!(
+            "at disk byte {pos}, before range {i} (bytes {}..)",
+            r.offset
+        ),
+        None => format!("at disk byte {pos}, after the last range"),
+    }
+}
+
 /// Index of the first non-zero byte. Whole blocks are OR-ed together, which
 /// the compiler turns into vector instructions: most of a disk is zeros.
 fn first_nonzero(buf: &[u8]) -> Option<usize> {

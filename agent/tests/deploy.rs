@@ -358,6 +358,9 @@ fn an_image_changed_by_one_byte_is_refused_before_writing() {
     data[mid] ^= 0x40;
     std::fs::write(&path, &data).unwrap();
     assert_refused_untouched(&p, &p.image, "the signed manifest says");
+    // It says where the image differs, and that the disk was not written.
+    assert_refused_untouched(&p, &p.image, "nothing was written");
+    assert_refused_untouched(&p, &p.image, "range");
 }
 
 #[test]
@@ -468,7 +471,10 @@ fn a_range_changed_after_the_precheck_fails_names_the_range_and_wipes_the_table(
         &signed,
         &mut source,
         &target,
-        &DeployOptions { grow: true },
+        &DeployOptions {
+            grow: true,
+            precheck: true,
+        },
         &mut |e| {
             if let kiln_agent::EventKind::Message(m) = &e.kind {
                 messages.push(m.clone());

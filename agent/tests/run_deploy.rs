@@ -548,8 +548,10 @@ fn an_agent_without_image_signers_refuses_deploy_jobs() {
 /// signed) after the job pinned the first one, or an image file changed
 /// under its signed manifest, is refused before the disk is touched.
 #[test]
-fn a_changed_publication_is_refused_before_the_disk_is_touched() {
-    if !can_run("a_changed_publication_is_refused_before_the_disk_is_touched") {
+fn a_republished_manifest_is_refused_untouched_and_a_corrupted_range_stops_the_deploy_named() {
+    if !can_run(
+        "a_republished_manifest_is_refused_untouched_and_a_corrupted_range_stops_the_deploy_named",
+    ) {
         return;
     }
     let server = Server::start();
@@ -598,8 +600,21 @@ fn a_changed_publication_is_refused_before_the_disk_is_touched() {
     server.add(&deploy_job("flipped", "img", true, false));
     let (code, out) = agent.once();
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains("image.raw.zst"), "{out}");
-    assert_eq!(disk_hash(&agent), before, "the disk was written");
+    // The image streams onto the disk once: the range it breaks stops the
+    // write, named, and the partition table is wiped.
+    assert!(
+        out.contains("range ") && out.contains("the signed manifest says"),
+        "the failed range is not named: {out}"
+    );
+    assert!(
+        out.contains("wiping the partition table"),
+        "the table is not wiped: {out}"
+    );
+    assert_ne!(disk_hash(&agent), before, "the deploy did not start");
+    assert!(
+        common::table_wiped(&agent.disk()),
+        "a partition table is left on the disk"
+    );
     let status = read_status(&server.spool, "flipped").unwrap().unwrap();
     assert_eq!(status.state, AgentState::Failed, "{status:?}");
     assert!(!server.upload_dir("flipped").join("deployed.toml").exists());

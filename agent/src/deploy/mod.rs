@@ -2,9 +2,11 @@
 //! range, and proves it arrived.
 //!
 //! 1. **Check**: the manifest's signature and shape ([`check_signed`]), the
-//!    disk (a block device or file, not in use, large enough), and one pass
-//!    of the compressed image through BLAKE3, compared with the signed
-//!    manifest before anything is written.
+//!    disk (a block device or file, not in use, large enough), and (with
+//!    [`DeployOptions::precheck`]) one pass of the compressed image through
+//!    BLAKE3, compared with the signed manifest before anything is written;
+//!    an image that fails it is decompressed once more to name the range
+//!    that differs.
 //! 2. **Deploy**: the partition table is wiped, the bytes outside the data
 //!    ranges are punched out (files) or discarded (block devices that
 //!    support it; on others they keep their old contents), and the image is
@@ -67,11 +69,21 @@ impl ImageSource for FileSource {
 pub struct DeployOptions {
     /// Grow the last partition and its filesystem to fill a larger disk.
     pub grow: bool,
+    /// Read the whole compressed image once, against the signed size and
+    /// BLAKE3, before writing anything: an image that does not match is
+    /// refused with the disk untouched. Without it (a deploy job, which
+    /// would otherwise fetch the image twice over the network) the image
+    /// streams straight onto the disk, and a range that does not match
+    /// stops the write with the partition table wiped.
+    pub precheck: bool,
 }
 
 impl Default for DeployOptions {
     fn default() -> Self {
-        DeployOptions { grow: true }
+        DeployOptions {
+            grow: true,
+            precheck: true,
+        }
     }
 }
 
@@ -192,7 +204,17 @@ pub fn deploy(
     let mut phases = Vec::new();
     let clock = start(Phase::Check, events);
     let target = Target::open(disk, m)?;
-    write::precheck(source, m, events, abort)?;
+    if opts.precheck {
+        if let Err(e) = write::precheck(source, m, events, abort) {
+            return Err(match (e, write::diagnose(source, m, abort)) {
+                (Error::Input(why), Some(at)) => {
+                    Error::Input(format!("{why}: {at}; nothing was written"))
+                }
+                (Error::Input(why), None) => Error::Input(format!("{why}; nothing was written")),
+                (e, _) => e,
+            });
+        }
+    }
     finish(clock, events, &mut phases);
 
     let mut current = Phase::Deploy;

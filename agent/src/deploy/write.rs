@@ -19,7 +19,7 @@ use kiln_spool::stream::HashReader;
 use super::{ImageSource, Target};
 use crate::error::{check_abort, Context, Error, Result};
 use crate::progress::{Event, Phase, Throttle};
-use crate::verify::{Piece, RangeWalker};
+use crate::verify::{where_in, Piece, RangeWalker};
 
 /// Bytes decompressed and written at once.
 const BUFFER: usize = 4 << 20;
@@ -71,6 +71,51 @@ pub(super) fn precheck(
         )));
     }
     Ok(())
+}
+
+/// After a failed pre-check: decompresses the image once more, writing
+/// nothing, and says where it first differs from the signed manifest: the
+/// range whose BLAKE3 does not match, or where it stops decompressing.
+/// `None` when it cannot tell (the stream matches range for range, say,
+/// and only the compressed bytes differ).
+pub(super) fn diagnose(
+    source: &mut dyn ImageSource,
+    m: &ImageManifest,
+    abort: &AtomicBool,
+) -> Option<String> {
+    let r = source.open().ok()?;
+    let mut decoder = zstd::stream::read::Decoder::new(r.take(m.image_size)).ok()?;
+    let mut walker = RangeWalker::new(&m.ranges);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut found = None;
+    while found.is_none() {
+        check_abort(abort).ok()?;
+        let n = match decoder.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) => {
+                return Some(format!(
+                    "it stops decompressing {}: {e}",
+                    where_in(&m.ranges, walker.position())
+                ))
+            }
+        };
+        if walker.position() + n as u64 > m.disk_size {
+            return Some(format!(
+                "it decompresses to more than the {} bytes of the image's disk",
+                m.disk_size
+            ));
+        }
+        walker
+            .feed(&buf[..n], &mut |piece| {
+                if let Piece::RangeDone(Err(mismatch)) = piece {
+                    found.get_or_insert_with(|| mismatch.describe("signed "));
+                }
+                Ok(())
+            })
+            .ok()?;
+    }
+    found.or_else(|| walker.finish(m.disk_size).into_iter().next())
 }
 
 /// Makes the bytes outside the data ranges read as zeros where that is
@@ -328,7 +373,8 @@ pub(super) fn write_image(
                 Ok(n) => n,
                 Err(e) => {
                     read_err = Some(Error::Failed(format!(
-                        "decompressing {what} after disk byte {pos}: {e}"
+                        "{what} stops decompressing {} (after disk byte {pos}): {e}",
+                        where_in(&m.ranges, pos)
                     )));
                     break;
                 }

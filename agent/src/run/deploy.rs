@@ -147,7 +147,13 @@ pub(super) fn deploy_job(held: &HeldJob, job: &JobSpec, download: PhaseTime) -> 
         path: image_file_path(&spec.image),
         size: signed.manifest.image_size,
     };
-    let opts = DeployOptions { grow: spec.grow };
+    // The image streams straight from the server onto the disk, fetched
+    // once: every range is checked as it arrives, and one that does not
+    // match stops the write with the partition table wiped.
+    let opts = DeployOptions {
+        grow: spec.grow,
+        precheck: false,
+    };
     let mut events = |e: &Event| held.on_event(e);
     let result = deploy(
         &signed,

@@ -143,7 +143,7 @@ impl<'a> HeldJob<'a> {
     }
 
     /// An event of the build or the deploy: into the status, and a phase's
-    /// end and its byte progress onto the console.
+    /// end, its messages and its byte progress onto the console.
     pub fn on_event(&self, e: &Event) {
         self.watch_stop();
         if let EventKind::Started = e.kind {
@@ -162,6 +162,9 @@ impl<'a> HeldJob<'a> {
                 "{}: {} done in {seconds:.1}s",
                 self.lease.job, e.phase
             )),
+            // What a step or payload is, a grown partition, a wiped table:
+            // into the job log and onto the console.
+            EventKind::Message(m) => self.step(&format!("{}: {m}", e.phase)),
             _ => {}
         }
         self.beat.set(|st| {
