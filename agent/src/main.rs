@@ -526,7 +526,8 @@ fn agent_run(
     );
     match run(&opts, &stop, &mut |line| eprintln!("kiln-agent: {line}")) {
         Ok(Outcome::Built { job }) => {
-            eprintln!("kiln-agent: built {job}");
+            // A build uploaded, or a deploy written and reported.
+            eprintln!("kiln-agent: finished {job}");
             ExitCode::SUCCESS
         }
         Ok(Outcome::NothingToDo) if once => {

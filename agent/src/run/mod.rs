@@ -44,6 +44,7 @@ pub struct RunOptions {
 /// How a `--once` run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
+    /// A job was done: a build uploaded, or a deploy written and reported.
     Built { job: String },
     NothingToDo,
 }
