@@ -10,7 +10,7 @@
 //! | `/etc/kiln/agent.toml` | the agent config (mode 0600) |
 //! | `/lib/modules/<ver>/kernel/**.ko` | plain (decompressed) modules |
 //! | `/lib/modules/<ver>/modules.{dep,alias,softdep,builtin}` | depmod formats |
-//! | `/sbin/{mke2fs,mkfs.vfat,mkswap}` | tools; libraries at the paths the loader opens |
+//! | `/sbin/{mke2fs,mkfs.vfat,mkswap,e2fsck,resize2fs}` | tools; libraries at the paths the loader opens |
 //! | `/bin/busybox`, `/bin/<applet>` | busybox and its applet links; `/sbin/modprobe` too |
 //! | `/etc/udhcpc/default.script` | configures address, route and DNS from a lease (also linked from `/usr/share/udhcpc/`) |
 //! | `/dev/console`, `/dev/null` | nodes the kernel and early init need |

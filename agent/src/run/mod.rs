@@ -45,7 +45,9 @@ pub struct RunOptions {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// A job was done: a build uploaded, or a deploy written and reported.
-    Built { job: String },
+    Built {
+        job: String,
+    },
     NothingToDo,
 }
 
