@@ -344,11 +344,11 @@ fn run_capture(
         phases: vec![kiln_spool::manifest::PhaseTime {
             name: "capture".into(),
             seconds,
-            started: None,
+            started: Some(started),
         }],
         ranges: cap.ranges,
         generalized: Vec::new(),
-        provenance: None,
+        provenance: Some(kiln_agent::build::provenance(disk)),
     };
     let mpath = kiln_agent::build::write_manifest(out, &m)?;
     println!(

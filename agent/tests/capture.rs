@@ -65,6 +65,15 @@ fn a_mostly_empty_4gib_disk_captures_small_and_reads_little() {
     );
     let mtext = std::fs::read_to_string(dir.join("disk.manifest.toml")).unwrap();
     let m = kiln_spool::manifest::ImageManifest::parse(&mtext).unwrap();
+    // The manifest says what captured it, on what machine.
+    let p = m.provenance.as_ref().expect("the manifest has provenance");
+    assert_eq!(p.kiln_version, env!("CARGO_PKG_VERSION"));
+    assert!(p.hardware.cpus > 0 && p.hardware.memory_bytes > 0, "{p:?}");
+    assert!(
+        m.phases.iter().all(|t| t.started.is_some()),
+        "{:?}",
+        m.phases
+    );
     assert_eq!(m.disk_size, 4 << 30);
     assert!(
         m.bytes_read < 1 << 30,
