@@ -158,8 +158,9 @@ impl<'m> RangeWalker<'m> {
     }
 }
 
-/// Where disk byte `pos` lies, for an error: `range 3 (bytes X..Y)`, or
-/// between ranges (before range N, or after the last).
+/// Where disk byte `pos` lies, for an error about the stream there:
+/// `in range 3 (bytes X..Y)`, or the range that comes next (a decoder that
+/// fails at `pos` failed on data at or after it).
 pub(crate) fn where_in(ranges: &[DataRange], pos: u64) -> String {
     let i = ranges.partition_point(|r| r.offset + r.length <= pos);
     match ranges.get(i) {
@@ -167,8 +168,9 @@ pub(crate) fn where_in(ranges: &[DataRange], pos: u64) -> String {
             format!("in range {i} (bytes {}..{})", r.offset, r.offset + r.length)
         }
         Some(r) => format!(
-            "at disk byte {pos}, before range {i} (bytes {}..)",
-            r.offset
+            "at disk byte {pos}, where range {i} (bytes {}..{}) is next",
+            r.offset,
+            r.offset + r.length
         ),
         None => format!("at disk byte {pos}, after the last range"),
     }

@@ -8,85 +8,47 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kiln_e2e::sshd::{skip_without_sshd, TestSshd};
+use kiln_e2e::sshd::skip_without_sshd;
 use kiln_spool::agent::uploader::{upload, UploadOptions};
 use kiln_spool::lease::Lease;
 use kiln_spool::manifest::ImageManifest;
 use kiln_spool::master::reap;
-use kiln_spool::master::{self, job_view, read_history, JobState};
+use kiln_spool::master::{job_view, read_history, JobState};
 use kiln_spool::status::read_status;
 use kiln_spool::status::{AgentState, Phase};
 use kiln_spool::time::Timestamp;
 use kiln_spool::{LocalSpool, SpoolFs};
 
+use common::server::Server;
 use common::{Mounted, AGENT};
 
-/// A job server: a real sshd and a spool made by the master's rules.
-struct Server {
-    sshd: TestSshd,
-    dir: tempfile::TempDir,
-    spool: LocalSpool,
+/// A job server whose payload `base.tar` is a tiny root: an os-release
+/// and busybox-static (which needs no libraries) as the shell for target
+/// steps.
+fn server_with_base() -> Server {
+    let server = Server::start();
+    let root = server.dir.path().join("payload-root");
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::write(root.join("etc/os-release"), "NAME=kiln-test\n").unwrap();
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static is installed");
+    std::os::unix::fs::symlink("busybox", root.join("bin/sh")).unwrap();
+    server.add_payload("base.tar", &root);
+    server
 }
 
-impl Server {
-    fn start() -> Server {
-        let sshd = TestSshd::start().expect("starting sshd");
-        let dir = tempfile::tempdir().unwrap();
-        let spool = LocalSpool::new(dir.path());
-        master::init(&spool).unwrap();
-        let root = dir.path().join("payload-root");
-        std::fs::create_dir_all(root.join("etc")).unwrap();
-        std::fs::write(root.join("etc/os-release"), "NAME=kiln-test\n").unwrap();
-        // A shell for target steps: busybox-static, which needs no libraries.
-        std::fs::create_dir_all(root.join("bin")).unwrap();
-        std::fs::copy("/bin/busybox", root.join("bin/busybox"))
-            .expect("busybox-static is installed");
-        std::os::unix::fs::symlink("busybox", root.join("bin/sh")).unwrap();
-        let tar = dir.path().join("payloads/base.tar");
-        let st = Command::new("tar")
-            .args(["--owner=0", "--group=0", "-C"])
-            .arg(&root)
-            .arg("-cf")
-            .arg(&tar)
-            .arg(".")
-            .status()
-            .unwrap();
-        assert!(st.success());
-        Server { sshd, dir, spool }
-    }
+/// This file's jobs: one ext4 root with the base payload.
+trait Jobs {
+    fn add(&self, id: &str, priority: u32, time_limit: &str, steps: &str);
+}
 
+impl Jobs for Server {
     fn add(&self, id: &str, priority: u32, time_limit: &str, steps: &str) {
-        let text = format!(
+        self.add_job(&format!(
             "id = \"{id}\"\npriority = {priority}\ntime_limit = \"{time_limit}\"\nmax_attempts = 2\n\
              [disk]\n[[disk.partitions]]\nlabel = \"root\"\nsize = \"rest\"\nkind = \"linux\"\nfs = \"ext4\"\nmount = \"/\"\n\
              [[payloads]]\nname = \"base.tar\"\n[configure]\nhostname = \"{id}\"\n{steps}"
-        );
-        master::add_job(&self.spool, &text, Path::new("test.toml"), Timestamp::now()).unwrap();
-    }
-
-    fn config_block(&self) -> String {
-        format!(
-            "[[servers]]\naddress = \"{}\"\nuser = \"{}\"\nkey = \"{}\"\nhost_key = \"{}\"\nspool = \"{}\"\n",
-            self.sshd.address(),
-            self.sshd.user(),
-            self.sshd.client_key().display(),
-            self.sshd.host_key_line().trim(),
-            self.dir.path().display()
-        )
-    }
-
-    fn reap_until(&self, what: &str, timeout: Duration, mut done: impl FnMut(&LocalSpool) -> bool) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            for line in reap(&self.spool, Timestamp::now()).unwrap().lines() {
-                eprintln!("reap: {line}");
-            }
-            if done(&self.spool) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        ));
     }
 }
 
@@ -182,7 +144,7 @@ fn one_agent_builds_one_job_and_it_is_published() {
     if !can_run("one_agent_builds_one_job_and_it_is_published") {
         return;
     }
-    let server = Server::start();
+    let server = server_with_base();
     server.add("web", 500, "10m", "");
     let agent = Agent::new("agent-1", &[&server]);
     let (code, out) = agent.once();
@@ -254,7 +216,7 @@ fn an_agent_asks_its_servers_in_turn() {
     if !can_run("an_agent_asks_its_servers_in_turn") {
         return;
     }
-    let (a, b) = (Server::start(), Server::start());
+    let (a, b) = (server_with_base(), server_with_base());
     a.add("a-high", 900, "10m", "");
     a.add("a-low", 100, "10m", "");
     b.add("b-high", 500, "10m", "");
@@ -285,7 +247,7 @@ fn eight_agents_do_twenty_four_jobs_each_once() {
     if !can_run("eight_agents_do_twenty_four_jobs_each_once") {
         return;
     }
-    let server = Server::start();
+    let server = server_with_base();
     for i in 0..24 {
         server.add(&format!("job-{i:02}"), (i * 37 % 1000) as u32, "10m", "");
     }
@@ -340,7 +302,7 @@ fn a_killed_agent_is_reaped_and_its_late_upload_refused() {
     if !can_run("a_killed_agent_is_reaped_and_its_late_upload_refused") {
         return;
     }
-    let server = Server::start();
+    let server = server_with_base();
     let marker = server.dir.path().join("first-attempt");
     // The first attempt stalls in its step; later ones go straight through.
     let step = format!(
@@ -423,7 +385,7 @@ fn a_failing_job_reports_its_reason_and_log() {
     if !can_run("a_failing_job_reports_its_reason_and_log") {
         return;
     }
-    let server = Server::start();
+    let server = server_with_base();
     server.add(
         "broken",
         500,
@@ -481,7 +443,7 @@ fn an_upload_cut_by_an_sshd_restart_resumes() {
     if !can_run("an_upload_cut_by_an_sshd_restart_resumes") {
         return;
     }
-    let mut server = Server::start();
+    let mut server = server_with_base();
     // 48 MiB that does not compress: an image of about 48 one-MiB chunks.
     let big = server.dir.path().join("big");
     std::fs::create_dir_all(&big).unwrap();
@@ -625,7 +587,7 @@ fn a_payload_corrupted_on_the_server_fails_the_job_and_wipes_the_disk() {
     if !can_run("a_payload_corrupted_on_the_server_fails_the_job_and_wipes_the_disk") {
         return;
     }
-    let server = Server::start();
+    let server = server_with_base();
     noise_payload(&server, "noise.tar", 8 << 20);
     server.add(
         "corrupt",

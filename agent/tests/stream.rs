@@ -11,81 +11,45 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kiln_e2e::sshd::{skip_without_sshd, TestSshd};
-use kiln_spool::master::{self, job_view, read_history, reap, JobState};
+use kiln_e2e::sshd::skip_without_sshd;
+use kiln_spool::master::{job_view, read_history, JobState};
 use kiln_spool::time::Timestamp;
 use kiln_spool::LocalSpool;
 
+use common::server::Server;
 use common::AGENT;
 
 /// Bytes of noise in the job's payload: about as many of image.
 const NOISE: usize = 40 << 20;
 
-struct Server {
-    sshd: TestSshd,
-    dir: tempfile::TempDir,
-    spool: LocalSpool,
+/// A job server with one job, `id`, whose payload is `NOISE` bytes that
+/// do not compress.
+fn with_job(id: &str, time_limit: &str) -> Server {
+    let server = Server::start();
+    let src = server.dir.path().join("noise");
+    std::fs::create_dir_all(&src).unwrap();
+    let mut noise = vec![0u8; NOISE];
+    blake3::Hasher::new()
+        .update(id.as_bytes())
+        .finalize_xof()
+        .fill(&mut noise);
+    std::fs::write(src.join("noise.bin"), &noise).unwrap();
+    server.add_payload("noise.tar", &src);
+    server.add_job(&format!(
+        "id = \"{id}\"\npriority = 500\ntime_limit = \"{time_limit}\"\nmax_attempts = 3\n\
+         [disk]\n[[disk.partitions]]\nlabel = \"root\"\nsize = \"rest\"\nkind = \"linux\"\nfs = \"ext4\"\nmount = \"/\"\n\
+         [[payloads]]\nname = \"noise.tar\"\ndest = \"/srv\"\n[configure]\nhostname = \"{id}\"\n"
+    ));
+    server
 }
 
-impl Server {
-    /// A server with one job, `id`, whose payload is `NOISE` bytes that do
-    /// not compress.
-    fn with_job(id: &str, time_limit: &str) -> Server {
-        let sshd = TestSshd::start().expect("starting sshd");
-        let dir = tempfile::tempdir().unwrap();
-        let spool = LocalSpool::new(dir.path());
-        master::init(&spool).unwrap();
-        let src = dir.path().join("noise");
-        std::fs::create_dir_all(&src).unwrap();
-        let mut noise = vec![0u8; NOISE];
-        blake3::Hasher::new()
-            .update(id.as_bytes())
-            .finalize_xof()
-            .fill(&mut noise);
-        std::fs::write(src.join("noise.bin"), &noise).unwrap();
-        let st = Command::new("tar")
-            .args(["--owner=0", "--group=0", "-C"])
-            .arg(&src)
-            .arg("-cf")
-            .arg(dir.path().join("payloads/noise.tar"))
-            .arg(".")
-            .status()
-            .unwrap();
-        assert!(st.success());
-        let text = format!(
-            "id = \"{id}\"\npriority = 500\ntime_limit = \"{time_limit}\"\nmax_attempts = 3\n\
-             [disk]\n[[disk.partitions]]\nlabel = \"root\"\nsize = \"rest\"\nkind = \"linux\"\nfs = \"ext4\"\nmount = \"/\"\n\
-             [[payloads]]\nname = \"noise.tar\"\ndest = \"/srv\"\n[configure]\nhostname = \"{id}\"\n"
-        );
-        master::add_job(&spool, &text, Path::new("test.toml"), Timestamp::now()).unwrap();
-        Server { sshd, dir, spool }
-    }
+/// What these tests watch on the server: chunks arriving, the published image.
+trait Uploads {
+    fn wait_for_chunk(&self, job: &str, n: usize) -> PathBuf;
+    fn published(&self, job: &str) -> Vec<u8>;
+}
 
-    fn config_block(&self) -> String {
-        format!(
-            "[[servers]]\naddress = \"{}\"\nuser = \"{}\"\nkey = \"{}\"\nhost_key = \"{}\"\nspool = \"{}\"\n",
-            self.sshd.address(),
-            self.sshd.user(),
-            self.sshd.client_key().display(),
-            self.sshd.host_key_line().trim(),
-            self.dir.path().display()
-        )
-    }
-
-    fn reap_until(&self, what: &str, timeout: Duration, mut done: impl FnMut(&LocalSpool) -> bool) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            for line in reap(&self.spool, Timestamp::now()).unwrap().lines() {
-                eprintln!("reap: {line}");
-            }
-            if done(&self.spool) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
+impl Uploads for Server {
     /// The upload directory of the first token that has chunk `n` whole.
     fn wait_for_chunk(&self, job: &str, n: usize) -> PathBuf {
         let incoming = self.dir.path().join("incoming").join(job);
@@ -233,7 +197,7 @@ fn a_stream_cut_by_an_sshd_restart_resumes_to_the_same_image() {
     if !can_run("a_stream_cut_by_an_sshd_restart_resumes_to_the_same_image") {
         return;
     }
-    let mut server = Server::with_job("cut", "10m");
+    let mut server = with_job("cut", "10m");
     let agent = Agent::new("agent-1", &server);
     let child = agent.spawn_once();
     let upload = server.wait_for_chunk("cut", 2);
@@ -265,7 +229,7 @@ fn a_restarted_agent_takes_its_upload_up_and_skips_what_the_server_holds() {
     if !can_run("a_restarted_agent_takes_its_upload_up_and_skips_what_the_server_holds") {
         return;
     }
-    let server = Server::with_job("again", "10m");
+    let server = with_job("again", "10m");
     let agent = Agent::new("agent-1", &server);
     let mut child = agent.spawn_once();
     let upload = server.wait_for_chunk("again", 4);
@@ -313,7 +277,7 @@ fn an_agent_restarted_after_losing_its_lease_leaves_the_new_holders_image() {
     if !can_run("an_agent_restarted_after_losing_its_lease_leaves_the_new_holders_image") {
         return;
     }
-    let server = Server::with_job("lost", "20s");
+    let server = with_job("lost", "20s");
     let first = Agent::new("agent-1", &server);
     let mut child = first.spawn_once();
     let upload = server.wait_for_chunk("lost", 2);

@@ -373,7 +373,7 @@ pub(super) fn write_image(
                 Ok(n) => n,
                 Err(e) => {
                     read_err = Some(Error::Failed(format!(
-                        "{what} stops decompressing {} (after disk byte {pos}): {e}",
+                        "{what} stops decompressing {}: {e}",
                         where_in(&m.ranges, pos)
                     )));
                     break;

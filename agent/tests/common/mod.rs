@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod server;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -75,6 +77,13 @@ impl Loop {
 
 impl Drop for Loop {
     fn drop(&mut self) {
+        // Partitions the kernel was told of (a deploy's grow adds them with
+        // BLKPG on a loop device that does not scan) outlive the detach
+        // and would stand in the way of the next user of the device.
+        let _ = Command::new("partx")
+            .args(["-d", &self.0])
+            .stderr(std::process::Stdio::null())
+            .status();
         let _ = Command::new("losetup").args(["-d", &self.0]).status();
     }
 }
