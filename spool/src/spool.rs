@@ -432,9 +432,12 @@ impl SpoolFs for LocalSpool {
 
     fn create_write(&self, path: &str) -> io::Result<Box<dyn Write + '_>> {
         let (dir, name) = self.parent_of(path)?;
+        let f = beneath::create_truncate(&dir, name, 0o644)?;
+        // Readable by agents whatever the master's umask: a published image.
+        f.set_permissions(std::fs::Permissions::from_mode(0o644))?;
         Ok(Box::new(SyncOnDrop(Some(io::BufWriter::with_capacity(
             1 << 20,
-            beneath::create_truncate(&dir, name, 0o644)?,
+            f,
         )))))
     }
 }

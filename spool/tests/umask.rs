@@ -15,6 +15,11 @@ fn files_the_master_writes_keep_their_mode_under_umask_077() {
     assert!(spool.create_exclusive("job.toml", b"y").unwrap());
     assert!(spool.create_private("key", b"z").unwrap());
     spool.mkdir_all("images/web/x").unwrap();
+    {
+        use std::io::Write;
+        let mut w = spool.create_write("images/web/image.raw.zst").unwrap();
+        w.write_all(b"zstd").unwrap();
+    }
     nix::sys::stat::umask(old);
     let mode = |name: &str| {
         std::fs::metadata(dir.path().join(name))
@@ -27,4 +32,5 @@ fn files_the_master_writes_keep_their_mode_under_umask_077() {
     assert_eq!(mode("job.toml"), 0o644, "job.toml");
     assert_eq!(mode("key"), 0o600, "the signing key");
     assert_eq!(mode("images/web"), 0o755, "a published image's directory");
+    assert_eq!(mode("images/web/image.raw.zst"), 0o644, "a published image");
 }

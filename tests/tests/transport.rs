@@ -303,9 +303,17 @@ fn upload_then_publish() {
     );
     assert!(local.exists(&history_path("job-a")).unwrap());
     assert!(read_job_list(&local).unwrap().get("job-a").is_none());
-    // Agents cannot see what was published.
+    // Agents cannot list what was published, but read an image by its id
+    // (a deploy job names it), and it is the image that was checked.
     assert!(fs.list("images").is_err());
-    assert!(fs.read(&format!("images/job-a/{IMAGE_FILE}")).is_err());
+    let image = fs.read(&format!("images/job-a/{IMAGE_FILE}")).unwrap();
+    assert_eq!(
+        blake3::hash(&image).to_hex().to_string(),
+        manifest.image_blake3
+    );
+    assert!(fs
+        .write_atomic(&format!("images/job-a/{IMAGE_FILE}"), b"evil")
+        .is_err());
 }
 
 #[test]
