@@ -29,7 +29,7 @@ use kiln_spool::names::check_job_id;
 use kiln_spool::spool::image_dir;
 use kiln_spool::stream::HashReader;
 use kiln_spool::units::human_bytes;
-use kiln_spool::upload::{Published, IMAGE_FILE, MANIFEST, PUBLISHED};
+use kiln_spool::upload::{Published, IMAGE_FILE, MANIFEST, PUBLISHED, SIGNATURE};
 use kiln_spool::LocalSpool;
 
 /// The bmap format version `bmaptool copy` reads (bmap-tools 3.1 and later).
@@ -411,6 +411,18 @@ impl Image {
         let mpath = dir.join(MANIFEST);
         let text =
             fs::read_to_string(&mpath).with_context(|| format!("reading {}", mpath.display()))?;
+        // What goes to other tools is what this master signed.
+        let sig_path = dir.join(SIGNATURE);
+        let sig = fs::read_to_string(&sig_path)
+            .with_context(|| format!("reading {}", sig_path.display()))?;
+        let signers = kiln_spool::master::provenance::master_signers(spool)?;
+        signers.verify(text.as_bytes(), &sig).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: {e} ({}); `kiln-master verify {id}` says more",
+                mpath.display(),
+                sig_path.display()
+            )
+        })?;
         let manifest =
             ImageManifest::parse(&text).with_context(|| format!("parsing {}", mpath.display()))?;
         check_ranges(&manifest).map_err(|e| anyhow::anyhow!("{}: {e}", mpath.display()))?;

@@ -140,6 +140,8 @@ struct Fixture {
     spool: PathBuf,
     manifest: ImageManifest,
     signers: PathBuf,
+    /// The spool's own signing key, which signed the publication.
+    key: SigningKey,
 }
 
 impl Fixture {
@@ -219,7 +221,9 @@ impl Fixture {
         fs::create_dir_all(&pub_dir).unwrap();
         fs::copy(&image, pub_dir.join(IMAGE_FILE)).unwrap();
         fs::write(pub_dir.join(MANIFEST), &manifest_text).unwrap();
-        let key = SigningKey::generate("kiln-master@test").unwrap();
+        let key = kiln_spool::master::signing::load_or_create_key(&s)
+            .unwrap()
+            .0;
         fs::write(
             pub_dir.join(SIGNATURE),
             key.sign(manifest_text.as_bytes()).unwrap(),
@@ -247,6 +251,7 @@ impl Fixture {
             spool,
             manifest,
             signers,
+            key,
         }
     }
 
@@ -563,12 +568,22 @@ fn export_refuses_what_is_not_a_checked_published_image() {
     );
     fx.export_ok(&out, &["--bmap", "--force"]);
 
-    // A changed range: named, and nothing written.
+    // A manifest changed after signing: refused, naming the signature.
     let published = fx.published(MANIFEST);
     let good = fs::read_to_string(&published).unwrap();
     let r = &fx.manifest.ranges[1];
-    fs::write(&published, good.replace(&r.blake3, &"0".repeat(64))).unwrap();
+    let changed = good.replace(&r.blake3, &"0".repeat(64));
+    fs::write(&published, &changed).unwrap();
     let fresh = fx.path("fresh");
+    let o = fx.export(&fresh, &["--bmap"]);
+    assert_fails(&o, &[MANIFEST, SIGNATURE, "changed after signing"]);
+    assert_eq!(entries(&fresh), Vec::<String>::new());
+
+    // A signed manifest whose range the image does not hold: named, and
+    // nothing written.
+    let sig = fx.published(SIGNATURE);
+    let good_sig = fs::read_to_string(&sig).unwrap();
+    fs::write(&sig, fx.key.sign(changed.as_bytes()).unwrap()).unwrap();
     let o = fx.export(&fresh, &["--bmap", "--qcow2"]);
     assert_fails(
         &o,
@@ -579,6 +594,7 @@ fn export_refuses_what_is_not_a_checked_published_image() {
     );
     assert_eq!(entries(&fresh), Vec::<String>::new());
     fs::write(&published, &good).unwrap();
+    fs::write(&sig, &good_sig).unwrap();
 
     // One byte more in the compressed file: its BLAKE3 no longer matches.
     let image = fx.published(IMAGE_FILE);
