@@ -4,8 +4,7 @@
 
 use std::io;
 
-use crate::agent::claim::{check_lease, LeaseCheck};
-use crate::agent::uploader::UploadError;
+use crate::agent::uploader::{ensure_held, UploadError};
 use crate::lease::{check_token, Lease};
 use crate::names::check_job_id;
 use crate::signature::MAX_SIGNATURE;
@@ -168,7 +167,7 @@ pub fn write_deploy_report(
     check_token(&lease.token).map_err(bad_lease)?;
     let dir = incoming_dir(&lease.job, &lease.token);
     let io_ctx = |what: String| move |source: io::Error| UploadError::Io { what, source };
-    held(fs, lease)?;
+    ensure_held(fs, lease)?;
     fs.mkdir_all(&dir)
         .map_err(io_ctx(format!("creating {dir}")))?;
     if let Some(text) = job_log {
@@ -176,24 +175,11 @@ pub fn write_deploy_report(
         fs.write_atomic(&path, text)
             .map_err(io_ctx(format!("writing {path}")))?;
     }
-    held(fs, lease)?;
+    ensure_held(fs, lease)?;
     let path = format!("{dir}/{DEPLOYED}");
     fs.write_atomic(&path, report.to_toml().as_bytes())
         .map_err(io_ctx(format!("writing {path}")))?;
     Ok(path)
-}
-
-fn held(fs: &dyn SpoolFs, lease: &Lease) -> Result<(), UploadError> {
-    match check_lease(fs, lease)? {
-        LeaseCheck::Held => Ok(()),
-        LeaseCheck::Gone => Err(UploadError::LeaseGone {
-            job: lease.job.clone(),
-        }),
-        LeaseCheck::Replaced { by_agent } => Err(UploadError::LeaseReplaced {
-            job: lease.job.clone(),
-            by_agent,
-        }),
-    }
 }
 
 #[cfg(test)]

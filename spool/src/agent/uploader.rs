@@ -183,7 +183,8 @@ fn io_ctx<T>(r: io::Result<T>, what: impl FnOnce() -> String) -> Result<T, Uploa
     })
 }
 
-fn ensure_held(fs: &dyn SpoolFs, lease: &Lease) -> Result<(), UploadError> {
+/// `Ok` while `lease` is still the job's; the error says who took it.
+pub(crate) fn ensure_held(fs: &dyn SpoolFs, lease: &Lease) -> Result<(), UploadError> {
     match check_lease(fs, lease)? {
         LeaseCheck::Held => Ok(()),
         LeaseCheck::Gone => Err(UploadError::LeaseGone {
