@@ -50,8 +50,20 @@ impl std::fmt::Display for SignatureCheck {
     }
 }
 
-/// Reads `images/<id>/`; `None` if `id` is not a published image.
-pub fn read_image(fs: &dyn SpoolFs, id: &str) -> Result<Option<ImageRecord>> {
+/// The files of `images/<id>/` as they lie, before anything is trusted:
+/// what [`read_image`] and [`verify_image`] both start from.
+struct Files {
+    published_path: String,
+    published: std::result::Result<Published, String>,
+    manifest_path: String,
+    manifest_bytes: Option<Vec<u8>>,
+    sig_path: String,
+    signature: Option<String>,
+}
+
+/// Reads `images/<id>/`'s record, manifest and signature, each capped;
+/// `None` if there is no `published.toml`.
+fn read_files(fs: &dyn SpoolFs, id: &str) -> Result<Option<Files>> {
     crate::names::check_job_id(id).map_err(|p| MasterError::BadInput(format!("image id {p}")))?;
     let dir = image_dir(id);
     let published_path = format!("{dir}/{PUBLISHED}");
@@ -62,26 +74,44 @@ pub fn read_image(fs: &dyn SpoolFs, id: &str) -> Result<Option<ImageRecord>> {
         return Ok(None);
     };
     let published = Published::parse(&String::from_utf8_lossy(&bytes))
-        .map_err(|e| MasterError::BadInput(format!("{published_path}: {e}")))?;
+        .map_err(|e| format!("{published_path}: {e}"));
     let manifest_path = format!("{dir}/{MANIFEST}");
     let manifest_bytes = fs
         .read_capped(&manifest_path, MAX_UPLOAD_RECORD)
-        .ctx(|| format!("reading {manifest_path}"))?
-        .ok_or_else(|| MasterError::BadInput(format!("{manifest_path} is missing")))?;
-    let manifest = ImageManifest::parse(&String::from_utf8_lossy(&manifest_bytes))
-        .map_err(|e| MasterError::BadInput(format!("{manifest_path}: {e}")))?;
+        .ctx(|| format!("reading {manifest_path}"))?;
     let sig_path = format!("{dir}/{SIGNATURE}");
     let signature = fs
         .read_capped(&sig_path, MAX_SIGNATURE)
         .ctx(|| format!("reading {sig_path}"))?
         .map(|b| String::from_utf8_lossy(&b).into_owned());
+    Ok(Some(Files {
+        published_path,
+        published,
+        manifest_path,
+        manifest_bytes,
+        sig_path,
+        signature,
+    }))
+}
+
+/// Reads `images/<id>/`; `None` if `id` is not a published image.
+pub fn read_image(fs: &dyn SpoolFs, id: &str) -> Result<Option<ImageRecord>> {
+    let Some(f) = read_files(fs, id)? else {
+        return Ok(None);
+    };
+    let published = f.published.map_err(MasterError::BadInput)?;
+    let manifest_bytes = f
+        .manifest_bytes
+        .ok_or_else(|| MasterError::BadInput(format!("{} is missing", f.manifest_path)))?;
+    let manifest = ImageManifest::parse(&String::from_utf8_lossy(&manifest_bytes))
+        .map_err(|e| MasterError::BadInput(format!("{}: {e}", f.manifest_path)))?;
     Ok(Some(ImageRecord {
         id: id.to_string(),
         published,
         manifest_blake3: blake3::hash(&manifest_bytes).to_hex().to_string(),
         manifest_bytes,
         manifest,
-        signature,
+        signature: f.signature,
     }))
 }
 
@@ -128,37 +158,34 @@ pub fn verify_image(
     id: &str,
     signers: &AllowedSigners,
 ) -> Result<std::result::Result<Verified, String>> {
-    let dir = image_dir(id);
-    let published_path = format!("{dir}/{PUBLISHED}");
-    let Some(bytes) = fs
-        .read_capped(&published_path, 64 << 10)
-        .ctx(|| format!("reading {published_path}"))?
-    else {
+    let Some(f) = read_files(fs, id)? else {
         return Err(MasterError::BadInput(format!(
-            "{id:?} is not a published image: there is no {published_path}"
+            "{id:?} is not a published image: there is no {}/{PUBLISHED}",
+            image_dir(id)
         )));
     };
-    let published = match Published::parse(&String::from_utf8_lossy(&bytes)) {
+    let Files {
+        published_path,
+        published,
+        manifest_path,
+        manifest_bytes,
+        sig_path,
+        signature,
+    } = f;
+    let dir = image_dir(id);
+    let published = match published {
         Ok(p) => p,
-        Err(e) => return Ok(Err(format!("{published_path}: {e}"))),
+        Err(e) => return Ok(Err(e)),
     };
     // The signature first, over the bytes as they are: a manifest that
     // was changed is reported as such, not as whatever parsing finds.
-    let manifest_path = format!("{dir}/{MANIFEST}");
-    let Some(manifest_bytes) = fs
-        .read_capped(&manifest_path, MAX_UPLOAD_RECORD)
-        .ctx(|| format!("reading {manifest_path}"))?
-    else {
+    let Some(manifest_bytes) = manifest_bytes else {
         return Ok(Err(format!("{manifest_path} is missing")));
     };
-    let sig_path = format!("{dir}/{SIGNATURE}");
-    let Some(sig) = fs
-        .read_capped(&sig_path, MAX_SIGNATURE)
-        .ctx(|| format!("reading {sig_path}"))?
-    else {
+    let Some(sig) = signature else {
         return Ok(Err(format!("{sig_path} is missing")));
     };
-    let signer = match signers.verify(&manifest_bytes, &String::from_utf8_lossy(&sig)) {
+    let signer = match signers.verify(&manifest_bytes, &sig) {
         Ok(s) => s,
         Err(why) => {
             return Ok(Err(format!(
