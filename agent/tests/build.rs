@@ -360,20 +360,7 @@ fn a_full_build_captures_the_system_the_job_describes() {
         blake3_hex(&std::fs::read(dir.join("payloads/app.tar.zst")).unwrap())
     );
     let names: Vec<&str> = m.phases.iter().map(|p| p.name.as_str()).collect();
-    assert_eq!(
-        names,
-        [
-            "check",
-            "partition",
-            "mkfs",
-            "mount",
-            "payloads",
-            "configure",
-            "steps",
-            "unmount",
-            "capture"
-        ]
-    );
+    assert_eq!(names, common::BUILD_PHASES);
     let img = std::fs::read(dir.join("image.raw.zst")).unwrap();
     assert_eq!(m.image_size, img.len() as u64);
     assert_eq!(m.image_blake3, blake3_hex(&img));

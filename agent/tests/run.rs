@@ -167,38 +167,9 @@ fn one_agent_builds_one_job_and_it_is_published() {
     // payload as streamed; the master's signature over all of it.
     let text = String::from_utf8(server.spool.read("images/web/manifest.toml").unwrap()).unwrap();
     let m = ImageManifest::parse(&text).unwrap();
-    let p = m
-        .provenance
-        .as_ref()
-        .expect("provenance in the published manifest");
-    assert_eq!(p.kiln_version, env!("CARGO_PKG_VERSION"));
-    assert!(p.hardware.cpus > 0, "{p:?}");
-    assert!(p.hardware.memory_bytes > 0, "{p:?}");
-    assert_eq!(p.hardware.disk_size, 128 << 20, "{p:?}");
+    common::assert_run_provenance(&m, 128 << 20);
+    let p = m.provenance.as_ref().unwrap();
     assert!(p.signer.starts_with("SHA256:"), "{p:?}");
-    let phases: Vec<&str> = m.phases.iter().map(|p| p.name.as_str()).collect();
-    assert_eq!(
-        phases,
-        [
-            "download",
-            "check",
-            "partition",
-            "mkfs",
-            "mount",
-            "payloads",
-            "configure",
-            "steps",
-            "unmount",
-            "capture",
-            "upload"
-        ]
-    );
-    for ph in &m.phases {
-        let started = ph
-            .started
-            .unwrap_or_else(|| panic!("{} has no start", ph.name));
-        assert!(m.started <= started && started <= m.finished, "{ph:?}");
-    }
     let tar = std::fs::read(server.dir.path().join("payloads/base.tar")).unwrap();
     assert_eq!(m.payloads.len(), 1);
     assert_eq!(m.payloads[0].name, "base.tar");

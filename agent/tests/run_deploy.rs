@@ -185,44 +185,9 @@ fn a_published_image_is_deployed_onto_a_larger_disk_and_recorded() {
 
     // The uploaded manifest, before the master adds its part.
     let uploaded = read_manifest(&server.upload_dir("web").join("manifest.toml"));
-    let p = uploaded
-        .provenance
-        .as_ref()
-        .expect("the manifest has provenance");
-    assert_eq!(p.kiln_version, env!("CARGO_PKG_VERSION"));
-    assert!(p.hardware.cpus > 0, "{p:?}");
-    assert!(p.hardware.memory_bytes > 0, "{p:?}");
-    assert_eq!(p.hardware.disk_size, 128 * MIB, "{p:?}");
+    common::assert_run_provenance(&uploaded, 128 * MIB);
+    let p = uploaded.provenance.as_ref().unwrap();
     assert!(p.job_text.is_empty() && p.signer.is_empty() && p.published.is_none());
-    let names: Vec<&str> = uploaded.phases.iter().map(|p| p.name.as_str()).collect();
-    for want in [
-        "download",
-        "check",
-        "partition",
-        "mkfs",
-        "mount",
-        "payloads",
-        "configure",
-        "steps",
-        "unmount",
-        "capture",
-        "upload",
-    ] {
-        assert!(names.contains(&want), "no {want} phase in {names:?}");
-    }
-    assert_eq!(names.first(), Some(&"download"), "{names:?}");
-    assert_eq!(names.last(), Some(&"upload"), "{names:?}");
-    for ph in &uploaded.phases {
-        let started = ph
-            .started
-            .unwrap_or_else(|| panic!("phase {} has no start", ph.name));
-        assert!(
-            uploaded.started <= started && started <= uploaded.finished,
-            "{ph:?} outside {}..{}",
-            uploaded.started,
-            uploaded.finished
-        );
-    }
     let tar = std::fs::read(server.dir.path().join("payloads/base.tar")).unwrap();
     assert_eq!(uploaded.payloads.len(), 1);
     assert_eq!(uploaded.payloads[0].name, "base.tar");

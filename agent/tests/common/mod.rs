@@ -158,3 +158,45 @@ pub fn header(kind: tar::EntryType, mode: u32, uid: u64, gid: u64, size: u64) ->
     h.set_mtime(1_700_000_000);
     h
 }
+
+/// The phases of `kiln-agent build`, in order, as its manifest lists them.
+pub const BUILD_PHASES: [&str; 9] = [
+    "check",
+    "partition",
+    "mkfs",
+    "mount",
+    "payloads",
+    "configure",
+    "steps",
+    "unmount",
+    "capture",
+];
+
+/// Checks the agent's part of a `kiln-agent run` build's manifest: its
+/// version, the machine (CPUs, memory, a disk of `disk_size` bytes), and
+/// every phase from download to upload, in order, each started within the
+/// build.
+pub fn assert_run_provenance(m: &kiln_spool::manifest::ImageManifest, disk_size: u64) {
+    let p = m.provenance.as_ref().expect("the manifest has provenance");
+    assert_eq!(p.kiln_version, env!("CARGO_PKG_VERSION"));
+    assert!(p.hardware.cpus > 0, "{p:?}");
+    assert!(p.hardware.memory_bytes > 0, "{p:?}");
+    assert_eq!(p.hardware.disk_size, disk_size, "{p:?}");
+    let names: Vec<&str> = m.phases.iter().map(|p| p.name.as_str()).collect();
+    let want: Vec<&str> = std::iter::once("download")
+        .chain(BUILD_PHASES)
+        .chain(["upload"])
+        .collect();
+    assert_eq!(names, want);
+    for ph in &m.phases {
+        let started = ph
+            .started
+            .unwrap_or_else(|| panic!("phase {} has no start", ph.name));
+        assert!(
+            m.started <= started && started <= m.finished,
+            "{ph:?} outside {}..{}",
+            m.started,
+            m.finished
+        );
+    }
+}
