@@ -7,17 +7,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 mod kiln_cli;
-use kiln_cli::kiln;
-
-fn ok(spool: &Path, args: &[&str]) -> String {
-    let out = kiln(spool, args);
-    assert!(
-        out.status.success(),
-        "kiln-master {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
+use kiln_cli::{kiln, kiln_ok as ok};
 
 fn fails(spool: &Path, args: &[&str], code: i32, says: &str) {
     let out = kiln(spool, args);

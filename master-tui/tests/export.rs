@@ -17,6 +17,9 @@ use kiln_spool::upload::{Published, IMAGE_FILE, MANIFEST, PUBLISHED, SIGNATURE};
 use kiln_spool::LocalSpool;
 use tempfile::TempDir;
 
+mod kiln_cli;
+use kiln_cli::kiln;
+
 const ID: &str = "web-01";
 const DISK_SIZE: u64 = 64 << 20;
 /// What the flash target holds before: anything a real disk might.
@@ -82,16 +85,6 @@ fn kiln_agent() -> PathBuf {
             }
         })
         .clone()
-}
-
-fn kiln(spool: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln-master"))
-        .arg("--spool")
-        .arg(spool)
-        .args(args)
-        .env_remove("KILN_SPOOL")
-        .output()
-        .expect("running kiln-master")
 }
 
 /// Bytes that do not compress: what files with real data look like.

@@ -17,22 +17,12 @@ use kiln_spool::{LocalSpool, SpoolFs};
 use serde_json::Value;
 
 mod kiln_cli;
-use kiln_cli::kiln;
+use kiln_cli::{kiln, kiln_ok as ok};
 
 #[path = "../../spool/tests/upload_fixture/mod.rs"]
 mod upload_fixture;
 
 const T0: Timestamp = Timestamp(1_900_000_000);
-
-fn ok(spool: &Path, args: &[&str]) -> String {
-    let out = kiln(spool, args);
-    assert!(
-        out.status.success(),
-        "kiln-master {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 /// Runs `kiln-master`, expects exit `code`, returns stderr.
 fn fails(spool: &Path, args: &[&str], code: i32) -> String {
