@@ -447,8 +447,10 @@ fn an_agent_without_image_signers_refuses_deploy_jobs() {
 }
 
 /// The job server is hostile input too: a manifest published again (and
-/// signed) after the job pinned the first one, or an image file changed
-/// under its signed manifest, is refused before the disk is touched.
+/// signed) after the job pinned the first one is refused before the disk
+/// is touched; an image file changed under its signed manifest streams
+/// until the range it breaks, which stops the deploy, named, with the
+/// partition table wiped.
 #[test]
 fn a_republished_manifest_is_refused_untouched_and_a_corrupted_range_stops_the_deploy_named() {
     if !can_run(
